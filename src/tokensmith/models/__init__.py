@@ -1,0 +1,49 @@
+"""tokensmith.models — the shared model-adapter layer every subpackage stands on.
+
+Entry points: :func:`load` (bundled offline models or any HF model), :func:`tiny` (random tiny models
+for tests), and :class:`ModelAdapter` (wrap a model + tokenizer you already have).
+"""
+
+from tokensmith.models.adapter import GenerationResult, ModelAdapter
+from tokensmith.models.attention import AttentionProbe
+from tokensmith.models.batching import MicroBatcher
+from tokensmith.models.encoding import Encoded, EncodedBatch, Slot, Span, encode, pad_batch
+from tokensmith.models.hooks import ActivationCache, HookContext, HookSession, ablate_fn, patch_fn, steer_fn
+from tokensmith.models.logprobs import gather_logprobs, masked_mean, masked_sum, token_kl
+from tokensmith.models.structure import AdapterSpec, ModelStructure, StructureError, discover
+from tokensmith.models.tiny import tiny
+from tokensmith.models.vocab import allowed_token_mask, nearest_tokens, soft_embed
+from tokensmith.models.zoo import available_models, load
+
+__all__ = [
+    "ModelAdapter",
+    "GenerationResult",
+    "AdapterSpec",
+    "ModelStructure",
+    "StructureError",
+    "discover",
+    "load",
+    "tiny",
+    "available_models",
+    "Slot",
+    "Span",
+    "Encoded",
+    "EncodedBatch",
+    "encode",
+    "pad_batch",
+    "HookSession",
+    "HookContext",
+    "ActivationCache",
+    "steer_fn",
+    "patch_fn",
+    "ablate_fn",
+    "AttentionProbe",
+    "MicroBatcher",
+    "gather_logprobs",
+    "token_kl",
+    "masked_sum",
+    "masked_mean",
+    "allowed_token_mask",
+    "nearest_tokens",
+    "soft_embed",
+]
