@@ -4,11 +4,20 @@ Entry points: :func:`load` (bundled offline models or any HF model), :func:`tiny
 for tests), and :class:`ModelAdapter` (wrap a model + tokenizer you already have).
 """
 
+from tokensmith.models import kvcache
 from tokensmith.models.adapter import GenerationResult, ModelAdapter
 from tokensmith.models.attention import AttentionProbe
 from tokensmith.models.batching import MicroBatcher
+from tokensmith.models.embeddings import insert_embeddings
 from tokensmith.models.encoding import Encoded, EncodedBatch, Slot, Span, encode, pad_batch
 from tokensmith.models.hooks import ActivationCache, HookContext, HookSession, ablate_fn, patch_fn, steer_fn
+from tokensmith.models.layers import (
+    run_layers,
+    skip_layer_for_tokens,
+    skip_layers,
+    swap_layers,
+    truncate_layers,
+)
 from tokensmith.models.logprobs import gather_logprobs, masked_mean, masked_sum, token_kl
 from tokensmith.models.structure import AdapterSpec, ModelStructure, StructureError, discover
 from tokensmith.models.tiny import tiny
@@ -46,4 +55,11 @@ __all__ = [
     "allowed_token_mask",
     "nearest_tokens",
     "soft_embed",
+    "insert_embeddings",
+    "kvcache",
+    "run_layers",
+    "skip_layers",
+    "truncate_layers",
+    "swap_layers",
+    "skip_layer_for_tokens",
 ]

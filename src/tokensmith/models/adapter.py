@@ -158,7 +158,7 @@ class ModelAdapter:
         s = self.structure
         layer0 = [n.split(".", 2)[2] for n in self.hook_names() if n.startswith("layers.0.")]
         features = {
-            "token_logprobs": s.lm_head is not None,
+            "token_logprobs": s.lm_head is not None and self.is_causal,
             "logits_at_positions": "logits_to_keep" in self._fwd_params,
             "inputs_embeds": "inputs_embeds" in self._fwd_params,
             "unembed": s.lm_head is not None,
@@ -168,9 +168,9 @@ class ModelAdapter:
             "generate": hasattr(self.model, "generate") and s.is_causal and s.lm_head is not None,
             "chat_template": getattr(self.tokenizer, "chat_template", None) is not None,
             "fast_tokenizer": bool(getattr(self.tokenizer, "is_fast", False)),
+            "run_layers": self.is_causal and not s.is_encoder_decoder,
+            "kv_cache_access": "use_cache" in self._fwd_params and self.is_causal,
             "resid_mid": False,
-            "run_layers": False,
-            "kv_cache_access": False,
         }
         missing = [k for k, v in features.items() if not v]
         return {
@@ -191,8 +191,14 @@ class ModelAdapter:
         if s.num_heads and s.num_kv_heads and s.num_heads % s.num_kv_heads:
             raise StructureError(f"num_heads={s.num_heads} is not a multiple of num_kv_heads={s.num_kv_heads}")
         ids = self._probe_ids(6)
-        with torch.no_grad(), self.hooks(cache="layers.*.resid_post") as h:
-            out = self.forward(ids, output_hidden_states=True, logits_to_keep=1 if s.lm_head is not None else None)
+        seen: list[bool] = []
+        probe = s.layers[0].register_forward_hook(lambda m, a, o: seen.append(isinstance(o, tuple)))
+        try:
+            with torch.no_grad(), self.hooks(cache="layers.*.resid_post") as h:
+                out = self.forward(ids, output_hidden_states=True, logits_to_keep=1 if s.lm_head is not None else None)
+        finally:
+            probe.remove()
+        s.layer_returns_tuple = bool(seen and seen[0])
         hs = getattr(out, "hidden_states", None) or getattr(out, "decoder_hidden_states", None)
         report: dict[str, Any] = {"layers_match_hidden_states": None}
         if hs is not None and len(hs) == s.num_layers + 1:
@@ -645,6 +651,62 @@ class ModelAdapter:
             new.append(row.cpu())
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
         return GenerationResult(seqs.cpu(), new, texts, batch)
+
+    # ------------------------------------------------------------------ layer ops / mid-forward
+    def skip_layers(self, layers: Iterable[int]):
+        """Context manager physically skipping decoder layers (reversible delete, MOD-9)."""
+        from tokensmith.models.layers import skip_layers
+
+        return skip_layers(self, layers)
+
+    def truncate_layers(self, n: int):
+        """Context manager keeping only the first ``n`` layers (final norm and head still run)."""
+        from tokensmith.models.layers import truncate_layers
+
+        return truncate_layers(self, n)
+
+    def swap_layers(self, i: int, j: int):
+        """Context manager exchanging layers ``i`` and ``j`` (MOD-9)."""
+        from tokensmith.models.layers import swap_layers
+
+        return swap_layers(self, i, j)
+
+    def skip_layer_for_tokens(self, token_mask: torch.Tensor, layers: Iterable[int], part: str = "block"):
+        """Context manager: ``layers`` leave masked tokens unchanged (MOD-10)."""
+        from tokensmith.models.layers import skip_layer_for_tokens
+
+        return skip_layer_for_tokens(self, token_mask, layers, part)
+
+    def run_layers(self, hidden: torch.Tensor, start: int, end: int | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Continue the forward from layer ``start`` on new hidden states (MOD-7); see
+        :func:`tokensmith.models.layers.run_layers`."""
+        from tokensmith.models.layers import run_layers
+
+        return run_layers(self, hidden, start, end, **kwargs)
+
+    def insert_embeddings(
+        self, inputs: Inputs, vectors: torch.Tensor, positions: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
+        """Insert non-vocabulary vectors into the embedded sequence (MOD-13; soft prompts, latent tokens).
+
+        Args:
+            inputs: one example or a batch (left-padded).
+            vectors: ``[k, d]`` vectors (already in the embedding space, i.e. including any embedding scale).
+            positions: for each vector, the index *in the unpadded original sequence* before which it is
+                inserted (``0`` = prefix, ``len`` = append).
+
+        Returns:
+            dict with ``inputs_embeds [B, T+k, d]``, ``attention_mask``, ``position_ids`` and
+            ``virtual_mask`` (True at inserted vectors: exclude them from losses and outputs) and
+            ``input_ids`` (pad id at the virtual positions, for target bookkeeping).
+        """
+        from tokensmith.models.embeddings import insert_embeddings
+
+        batch = self.as_batch(inputs)
+        ids = batch.input_ids if isinstance(batch, EncodedBatch) else batch["input_ids"]
+        am = batch.attention_mask if isinstance(batch, EncodedBatch) else batch["attention_mask"]
+        emb = self.embed(ids)
+        return insert_embeddings(emb, am.to(emb.device), ids.to(emb.device), vectors.to(emb), positions, self.pad_token_id)
 
     # ------------------------------------------------------------------ pooling
     def pool(self, inputs: Inputs, method: str = "mean", layers: Sequence[int] | None = None, normalize: bool = False) -> torch.Tensor:

@@ -144,13 +144,13 @@ class AttentionProbe:
         impl = getattr(config, "_attn_implementation", None)
         if impl == "eager" or impl is None:
             self._mode = "eager"
-            for i, m in zip(self.layers, mods):
+            for i, m in zip(self.layers, mods, strict=True):
                 self._handles.append(m.register_forward_hook(self._eager_hook(i)))
         elif impl in ("sdpa", PROBE_IMPL):
             self._mode = "probe"
             _register()
             with _LOCK:
-                for i, m in zip(self.layers, self._probe_modules(mods)):
+                for i, m in zip(self.layers, self._probe_modules(mods), strict=True):
                     _ACTIVE[id(m)] = (self, i)
             self._saved_impl = impl
             config._attn_implementation = PROBE_IMPL

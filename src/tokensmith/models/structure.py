@@ -89,6 +89,7 @@ class ModelStructure:
     embed_scale: float = 1.0
     is_encoder_decoder: bool = False
     is_causal: bool = True
+    layer_returns_tuple: bool = False
     found_by: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:

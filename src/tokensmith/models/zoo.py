@@ -192,6 +192,16 @@ def _entry_ok(path: Path) -> bool:
     return marker is not None and marker.get("format") == _CACHE_FORMAT
 
 
+def _make_shareable(path: Path) -> None:
+    """mkdtemp creates 0700 directories; give the entry ordinary permissions."""
+    try:
+        os.chmod(path, 0o755)
+        for p in path.rglob("*"):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    except OSError:  # pragma: no cover - e.g. a filesystem without permissions
+        pass
+
+
 def _atomic_build_dir(final: Path, build: Callable[[Path], None], meta: dict[str, Any]) -> Path:
     """Build a cache directory once, safely when several processes race.
 
@@ -209,6 +219,7 @@ def _atomic_build_dir(final: Path, build: Callable[[Path], None], meta: dict[str
         marker = {"format": _CACHE_FORMAT, "created": time.time(), **meta}
         with open(tmp / _MARKER, "w", encoding="utf-8") as f:
             json.dump(marker, f, indent=2, sort_keys=True)
+        _make_shareable(tmp)
         if final.exists() and not _entry_ok(final):
             # Stale or half-written entry: move it aside (atomic) and delete it.
             trash = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
@@ -641,9 +652,9 @@ def load(
         >>> adapter.tokenizer.eos_token                  # doctest: +SKIP
         '<|im_end|>'
     """
+    loaded = _resolve(name_or_path, task, from_pretrained_kwargs)
     from tokensmith.models.adapter import ModelAdapter
 
-    loaded = _resolve(name_or_path, task, from_pretrained_kwargs)
     adapter = ModelAdapter(loaded.model, loaded.tokenizer, spec, name=loaded.name)
     if loaded.pooling is not None and getattr(adapter, "pooling_config", None) is None:
         try:
