@@ -25,9 +25,7 @@ def _naive(h: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
     for b in range(h.shape[0]):
         idx = [t for t in range(h.shape[1]) if mask[b, t]]
         sel = h[b, idx]
-        rows.append(
-            {"mean": sel.mean(0), "cls": sel[0], "last": sel[-1], "max": sel.max(0).values}[method]
-        )
+        rows.append({"mean": sel.mean(0), "cls": sel[0], "last": sel[-1], "max": sel.max(0).values}[method])
     return torch.stack(rows)
 
 
@@ -193,3 +191,39 @@ def test_minilm_matches_sentence_transformers():
     # unnormalised pooling is not the sentence-transformers output: the test can tell them apart
     raw = sentence_embedding(model, tok, TEXTS, normalize=False)
     assert not torch.allclose(raw, expected, atol=1e-3)
+
+
+def _adapter_cls():
+    try:
+        from tokensmith.models.adapter import ModelAdapter
+    except Exception as e:  # the adapter module may not exist yet
+        pytest.skip(f"tokensmith.models.adapter not importable: {e}")
+    return ModelAdapter
+
+
+@pytest.mark.real_model
+def test_minilm_adapter_pool_matches_sentence_transformers():
+    _adapter_cls()
+    from sentence_transformers import SentenceTransformer
+
+    from tokensmith.models.zoo import load
+
+    path = _minilm_path()
+    expected = torch.as_tensor(
+        SentenceTransformer(str(path), device="cpu").encode(TEXTS, convert_to_numpy=True)
+    )
+    adapter = load("minilm-l6")
+    cfg = adapter.pooling_config
+    assert (cfg.method, cfg.normalize, cfg.max_length) == ("mean", True, 256)
+    torch.testing.assert_close(
+        adapter.pool(TEXTS, method="mean", normalize=True), expected, atol=1e-5, rtol=0
+    )
+    # WhiteningBERT first+last averaging goes through the same pure function
+    batch = adapter.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hs = adapter.model(**batch, output_hidden_states=True).hidden_states
+    expected_fl = pool(hs, batch["attention_mask"], "mean", layers=(1, -1))
+    assert not torch.allclose(expected_fl, pool(hs, batch["attention_mask"], "mean"), atol=1e-3)
+    torch.testing.assert_close(
+        adapter.pool(TEXTS, method="mean", layers=(1, -1)), expected_fl, atol=1e-5, rtol=1e-5
+    )

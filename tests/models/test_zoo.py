@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import doctest
 import importlib.util
 import threading
 import time
@@ -58,6 +59,11 @@ def test_cache_dir(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "c"
     monkeypatch.delenv("TOKENSMITH_CACHE")
     assert cache_dir() == Path.home() / ".cache" / "tokensmith"
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(zoo)
+    assert result.attempted >= 1 and result.failed == 0
 
 
 def test_available_models():
@@ -160,6 +166,8 @@ def test_load_local_directory(saved_tiny):
     with torch.no_grad():
         torch.testing.assert_close(model(**ids).logits, ref(**ids).logits, atol=0, rtol=0)
     assert tok("Hello world")["input_ids"] == [19556, 905]
+    model2, _ = _load_model_and_tokenizer(path)  # a Path works too
+    assert type(model2).__name__ == "LlamaForCausalLM"
 
 
 def test_load_local_directory_classes_and_task_override(saved_tiny):

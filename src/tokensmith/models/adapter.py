@@ -89,6 +89,7 @@ class ModelAdapter:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+        self._spec = spec
         self.structure: ModelStructure = discover(model, spec)
         self.structure.embed_scale = measure_embed_scale(self.structure.embed)
         self.batcher = MicroBatcher()
@@ -201,6 +202,12 @@ class ModelAdapter:
         s.layer_returns_tuple = bool(seen and seen[0])
         hs = getattr(out, "hidden_states", None) or getattr(out, "decoder_hidden_states", None)
         report: dict[str, Any] = {"layers_match_hidden_states": None}
+        never_ran = [i for i in range(s.num_layers) if f"layers.{i}.resid_post" not in h.cache]
+        if never_ran:
+            raise StructureError(
+                f"layers {never_ran} of the discovered layer stack {s.layers_path!r} never ran during a forward; "
+                "the stack is wrong — pass AdapterSpec(layers='path.to.decoder.layers')"
+            )
         if hs is not None and len(hs) == s.num_layers + 1:
             worst = 0.0
             for i in range(s.num_layers):
@@ -486,6 +493,8 @@ class ModelAdapter:
             mask = batch.target_mask if isinstance(batch, EncodedBatch) and batch.target_mask.any() else am.bool()
             mask = mask.clone()
             mask[:, 0] = False
+            # the first real token of a (left-padded) row has no predicting distribution (as in token_logprobs)
+            mask &= ~((am.long().cumsum(-1) == 1) & am.bool()).to(mask.device)
         keep = lp.shift_target_mask(mask)
         outs = []
         for ad in (self, other):
@@ -707,6 +716,26 @@ class ModelAdapter:
         am = batch.attention_mask if isinstance(batch, EncodedBatch) else batch["attention_mask"]
         emb = self.embed(ids)
         return insert_embeddings(emb, am.to(emb.device), ids.to(emb.device), vectors.to(emb), positions, self.pad_token_id)
+
+    # ------------------------------------------------------------------ vocabulary surgery
+    def add_tokens(self, tokens: Sequence[str], init: Any = "mean", special: bool = False, **kw: Any) -> list[int]:
+        """Add tokens to tokenizer and embeddings (MOD-14); see :func:`tokensmith.models.surgery.add_tokens`."""
+        from tokensmith.models.surgery import add_tokens
+
+        return add_tokens(self, tokens, init, special, **kw)
+
+    def set_embeddings(self, ids: Any, E_in: torch.Tensor, E_out: torch.Tensor | None = None) -> None:
+        """Write embedding rows, tied or untied (MOD-14); see :func:`tokensmith.models.surgery.set_embeddings`."""
+        from tokensmith.models.surgery import set_embeddings
+
+        set_embeddings(self, ids, E_in, E_out)
+
+    def _rediscover(self) -> None:
+        spec_scale = self.structure.embed_scale
+        tup = self.structure.layer_returns_tuple
+        self.structure = discover(self.model, self._spec)
+        self.structure.embed_scale = spec_scale
+        self.structure.layer_returns_tuple = tup
 
     # ------------------------------------------------------------------ pooling
     def pool(self, inputs: Inputs, method: str = "mean", layers: Sequence[int] | None = None, normalize: bool = False) -> torch.Tensor:

@@ -223,7 +223,7 @@ def encode(
             "span-aware encoding needs a fast tokenizer (character offsets); load it with use_fast=True"
         )
     user_pieces = _pieces(prompt)
-    if messages is None and not user_pieces and target is None:
+    if messages is None and target is None and not any(t for _, t in user_pieces):
         raise ValueError("nothing to encode: give a non-empty prompt, messages or target")
     if target is not None and not isinstance(target, str):
         raise TypeError(f"target must be a str, got {type(target).__name__}")

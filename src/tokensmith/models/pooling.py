@@ -178,7 +178,9 @@ class PoolingConfig:
             raise ValueError(f"Unknown pooling method {self.method!r}; choose one of {POOLING_METHODS}")
 
     @classmethod
-    def from_sentence_transformers(cls, path: str | Path, *, missing_ok: bool = False) -> PoolingConfig | None:
+    def from_sentence_transformers(
+        cls, path: str | Path, *, missing_ok: bool = False
+    ) -> PoolingConfig | None:
         """Read the pooling of a sentence-transformers model directory.
 
         Reads ``modules.json`` (a ``Normalize`` module means L2 normalisation), the Pooling

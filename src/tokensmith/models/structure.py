@@ -307,13 +307,21 @@ def discover(model: nn.Module, spec: AdapterSpec | None = None) -> ModelStructur
             layers = get_path(model, spec.layers)
         except (AttributeError, IndexError) as e:
             raise StructureError(f"AdapterSpec.layers={spec.layers!r} does not exist on the model: {e}") from e
+        if not isinstance(layers, (nn.ModuleList, nn.Sequential)) or len(layers) == 0:
+            raise StructureError(
+                f"AdapterSpec.layers={spec.layers!r} is a {type(layers).__name__}, not a non-empty nn.ModuleList of "
+                "decoder layers; point it at the layer stack (e.g. 'model.layers')"
+            )
         layers_path, how = spec.layers, "AdapterSpec"
     else:
         layers_path, layers, how = _find_layers(model, n_layers)
     found_by["layers"] = how
 
     if spec.embed:
-        embed = get_path(model, spec.embed)
+        try:
+            embed = get_path(model, spec.embed)
+        except (AttributeError, IndexError) as e:
+            raise StructureError(f"AdapterSpec.embed={spec.embed!r} does not exist on the model: {e}") from e
         found_by["embed"] = "AdapterSpec"
     else:
         embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

@@ -55,7 +55,11 @@ def _bert_tokenizer() -> Any:
 
 
 def _special_ids(tok: Any) -> dict[str, Any]:
-    return {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    return {
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+    }
 
 
 def _gpt2(tok: Any, n_layers: int, hidden: int) -> tuple[str, dict[str, Any]]:

@@ -541,7 +541,9 @@ def _load_hf(name: str, task: str | None, kwargs: dict[str, Any]) -> tuple[Any, 
     try:
         config = AutoConfig.from_pretrained(name, **shared)
     except (OSError, ValueError, KeyError) as e:
-        raise _unknown_name_error(name, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise _unknown_name_error(
+            name, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
     task = task or _task_from_config(config)
     model = _auto_class(task).from_pretrained(name, config=config, **kwargs)
     model.eval()
@@ -576,8 +578,7 @@ def _resolve(name_or_path: str, task: str | None, kwargs: dict[str, Any]) -> _Lo
     name = os.fspath(name_or_path)
     if not name.strip():
         raise ValueError(
-            "load() needs a model name or path; got an empty string. "
-            f"Bundled models: {', '.join(_BUNDLED)}."
+            f"load() needs a model name or path; got an empty string. Bundled models: {', '.join(_BUNDLED)}."
         )
     name = name.strip()
     _check_task(task)

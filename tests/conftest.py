@@ -1,0 +1,30 @@
+"""Shared fixtures. Names are unique per owner; shared adapters are read-only (build your own to mutate)."""
+
+from __future__ import annotations
+
+import pytest
+
+import tokensmith as ts
+
+ADAPTER_CAUSAL_ARCHS = ("gpt2", "llama", "qwen2", "gemma3", "gpt_neox")
+
+
+@pytest.fixture(scope="session")
+def shared_tiny():
+    """``shared_tiny(arch, seed=0)`` -> a cached tiny adapter. Do not mutate it (no new tokenizer
+    template, no spec changes, no weight edits); hooks/probes inside ``with`` blocks are fine."""
+    cache: dict[tuple[str, int], ts.ModelAdapter] = {}
+
+    def get(arch: str, seed: int = 0) -> ts.ModelAdapter:
+        key = (arch, seed)
+        if key not in cache:
+            cache[key] = ts.tiny(arch, seed=seed)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_shared():
+    """The bundled SmolLM2-135M-Instruct adapter (read-only, loaded once per session)."""
+    return ts.load("smollm2-135m-instruct")

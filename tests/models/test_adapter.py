@@ -1,0 +1,239 @@
+"""ModelAdapter forward primitives: parity with the plain HF forward, one-hot path, unembed, KL, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import tokensmith as ts
+from tokensmith.models import ModelAdapter
+
+CAUSAL = ["gpt2", "llama", "qwen2", "gemma3", "gpt_neox"]
+TEXT = "The quick brown fox jumps over the lazy dog, and then it sleeps."
+
+
+def _manual_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    """Independent reference: plain HF forward + log_softmax, gathered at the next token. ``[B, T-1]``."""
+    with torch.no_grad():
+        z = model(input_ids=ids).logits.float()
+    return torch.log_softmax(z[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_forward_and_token_logprobs_equal_plain_hf(arch, shared_tiny):
+    ad = shared_tiny(arch)
+    enc = ad.encode(TEXT)
+    ids = enc.input_ids[None]
+    with torch.no_grad():
+        ref = ad.model(input_ids=ids).logits
+        for x in (ids, enc, TEXT):
+            assert_close(ad.forward(x).logits, ref, atol=1e-5, rtol=0)
+    lp = ad.token_logprobs(ids)
+    assert lp.shape == ids.shape and lp.dtype == torch.float32
+    assert lp[0, 0].item() == 0.0  # the first token is never scored
+    assert_close(lp[:, 1:], _manual_logprobs(ad.model, ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_token_logprobs_of_a_target_span_only(arch, shared_tiny):
+    ad = shared_tiny(arch)
+    enc = ad.encode("The quick brown", target=" fox jumps over")
+    ids = enc.input_ids[None]
+    lp = ad.token_logprobs(enc)
+    ref = _manual_logprobs(ad.model, ids)[0]
+    tm = enc.target_mask
+    assert tm.sum() >= 2
+    assert_close(lp[0, tm], ref[tm[1:]], atol=1e-5, rtol=0)
+    assert (lp[0, ~tm] == 0).all()
+    assert_close(ad.sequence_logprob(enc), lp.sum(-1))
+
+
+def test_next_token_logprobs_is_the_last_position_distribution(shared_tiny):
+    ad = shared_tiny("qwen2")
+    b = ad.encode_batch(["a", "a much longer prompt here"])
+    nxt = ad.next_token_logprobs(b)
+    for i, ex in enumerate(b.examples):
+        with torch.no_grad():
+            z = ad.model(input_ids=ex.input_ids[None]).logits[0, -1]
+        assert_close(nxt[i], torch.log_softmax(z, -1), atol=1e-5, rtol=0)
+
+
+def test_bert_forward_and_hidden_states_equal_plain_hf(shared_tiny):
+    ad = shared_tiny("bert")
+    b = ad.encode_batch(["hello world", "a somewhat longer sentence for bert"])
+    with torch.no_grad():
+        ref = ad.model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True)
+        out = ad.forward(b)
+    real = b.attention_mask.bool()
+    assert_close(out.logits[real], ref.logits[real], atol=1e-5, rtol=0)
+    hs = ad.hidden_states(b)
+    assert hs.shape[0] == ad.structure.num_layers + 1
+    for i, h in enumerate(ref.hidden_states):
+        assert_close(hs[i][real], h[real], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="causal"):
+        ad.token_logprobs(b)
+
+
+@pytest.mark.real_model
+def test_smollm2_forward_and_token_logprobs_equal_plain_hf(smollm2_shared):
+    ad = smollm2_shared
+    enc = ad.encode("Paris is the capital of", target=" France.")
+    ids = enc.input_ids[None]
+    with torch.no_grad():
+        ref = ad.model(input_ids=ids).logits
+        assert_close(ad.forward(enc).logits, ref, atol=1e-5, rtol=0)
+    lp = ad.token_logprobs(enc)
+    man = _manual_logprobs(ad.model, ids)[0]
+    tm = enc.target_mask
+    assert_close(lp[0, tm], man[tm[1:]], atol=1e-5, rtol=0)
+
+
+@pytest.mark.real_model
+def test_minilm_hidden_states_equal_plain_hf():
+    ad = ts.load("minilm-l6")
+    b = ad.encode_batch(["A man is eating food.", "Hi"])
+    with torch.no_grad():
+        ref = ad.model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True)
+        out = ad.forward(b)
+    real = b.attention_mask.bool()
+    assert_close(out.last_hidden_state[real], ref.last_hidden_state[real], atol=1e-5, rtol=0)
+    hs = ad.hidden_states(b)
+    assert hs.shape[0] == 7
+    for i, h in enumerate(ref.hidden_states):
+        assert_close(hs[i][real], h[real], atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ one-hot / embedding path
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_onehot_path_forward_and_gradient(arch, shared_tiny):
+    ad = shared_tiny(arch)
+    ids = ad.encode(TEXT).input_ids[None]
+    T = ids.shape[1]
+    pos = torch.zeros_like(ids, dtype=torch.bool)
+    pos[0, 2:5] = True
+    embeds, onehot = ad.onehot_embeds(ids, pos)
+    assert onehot.shape == (3, ad.structure.vocab_size) and onehot.requires_grad
+    assert (onehot.argmax(-1) == ids[0, 2:5]).all() and (onehot.sum(-1) == 1).all()
+    with torch.no_grad():
+        assert_close(ad.forward(inputs_embeds=embeds).logits, ad.forward(ids).logits, atol=1e-5, rtol=0)
+
+    tm = torch.zeros_like(pos)
+    tm[0, T // 2 :] = True
+    lp = ad.token_logprobs(ids, tm, inputs_embeds=embeds, grad=True)
+    (-lp.sum()).backward()
+
+    # independent: dL/de through the plain model, then dL/d onehot[v] = scale * E_v . dL/de
+    scale = math.sqrt(ad.structure.hidden_size) if arch == "gemma3" else 1.0
+    E = ad.model.get_input_embeddings().weight.detach()
+    e = (E[ids] * scale).requires_grad_(True)
+    z = ad.model(inputs_embeds=e).logits.float()
+    ref_lp = torch.log_softmax(z[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+    loss = -(ref_lp * tm[0, 1:]).sum()
+    (g,) = torch.autograd.grad(loss, e)
+    expected = scale * g[0, 2:5] @ E.T
+    tol = 1e-4 * expected.abs().max().item()
+    assert_close(onehot.grad, expected, atol=tol, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ unembed (logit lens identity)
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_unembed_of_last_layer_output_is_the_logits(arch, shared_tiny):
+    ad = shared_tiny(arch)
+    last = f"layers.{ad.structure.num_layers - 1}.resid_post"
+    with torch.no_grad(), ad.hooks(cache=last) as h:
+        logits = ad.forward(TEXT).logits
+        assert_close(ad.unembed(h.cache[last]), logits, atol=1e-5, rtol=0)
+
+
+def test_unembed_applies_gemma_final_logit_softcapping():
+    ad = ts.tiny("gemma3", final_logit_softcapping=0.05)
+    last = f"layers.{ad.structure.num_layers - 1}.resid_post"
+    with torch.no_grad(), ad.hooks(cache=last) as h:
+        logits = ad.forward(TEXT).logits
+        assert logits.abs().max() <= 0.05 + 1e-6  # the cap is active
+        raw = ad.structure.lm_head(ad.structure.final_norm(h.cache[last]))
+        assert not torch.allclose(raw, logits, atol=1e-3)
+        assert_close(ad.unembed(h.cache[last]), logits, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------ KL
+def test_kl_with_itself_is_zero(shared_tiny):
+    ad = shared_tiny("llama")
+    k = ad.kl(ad, ad.encode_batch(["one two three four", "five"]))
+    assert k.shape == (2, 5)
+    assert k.abs().max().item() <= 1e-7
+
+
+def test_kl_against_another_model_equals_manual_full_logits(shared_tiny):
+    p, q = shared_tiny("gpt2"), shared_tiny("llama")  # same tokenizer, different models
+    texts = ["The cat sat on the mat", "Hi", "Colorless green ideas"]
+    b = p.encode_batch(texts)
+    k = p.kl(q, b, chunk=3)
+    rows = b.unpad(k)
+    assert (k[~b.attention_mask.bool()] == 0).all()
+    for ex, row in zip(b.examples, rows, strict=True):
+        ids = ex.input_ids[None]
+        with torch.no_grad():
+            lp = torch.log_softmax(p.model(input_ids=ids).logits[0].float(), -1)
+            lq = torch.log_softmax(q.model(input_ids=ids).logits[0].float(), -1)
+        manual = (lp.exp() * (lp - lq)).sum(-1)[:-1]  # position t-1 predicts token t
+        assert row[0].item() == 0.0  # the first real token has no predicting distribution
+        assert_close(row[1:], manual, atol=1e-5, rtol=1e-5)
+        assert (row[1:] > 0).all()
+
+
+def test_kl_with_mismatched_tokenizers_raises(shared_tiny):
+    with pytest.raises(ValueError, match="tokenizer"):
+        shared_tiny("llama").kl(shared_tiny("bert"), "hello world")
+
+
+# ------------------------------------------------------------------ errors
+def test_load_unknown_model_name_raises_value_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="bundled"):
+        ts.load("no-such-model-tokensmith-xyz")
+
+
+def test_non_module_model_raises_type_error(shared_tiny):
+    with pytest.raises(TypeError, match="nn.Module"):
+        ModelAdapter("gpt2", shared_tiny("llama").tokenizer)
+    with pytest.raises(TypeError, match="tokenizer"):
+        ModelAdapter(shared_tiny("llama").model, None)
+
+
+def test_nan_inputs_embeds_raise(shared_tiny):
+    ad = shared_tiny("llama")
+    e = ad.embed(ad.encode("hello there").input_ids[None]).clone()
+    e[0, 1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ad.forward(inputs_embeds=e)
+    e[0, 1, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        ad.forward(inputs_embeds=e)
+
+
+def test_target_mask_errors(shared_tiny):
+    ad = shared_tiny("llama")
+    ids = ad.encode(TEXT).input_ids[None]
+    with pytest.raises(ValueError, match="shape"):
+        ad.token_logprobs(ids, torch.ones(1, ids.shape[1] + 1, dtype=torch.bool))
+    first = torch.zeros_like(ids, dtype=torch.bool)
+    first[0, 0] = True
+    with pytest.raises(ValueError, match="first token"):
+        ad.token_logprobs(ids, first)
+    with pytest.raises(TypeError, match="integer"):
+        ad.forward(ids.float())
+    with pytest.raises(ValueError, match="inputs"):
+        ad.forward()
+
+
+def test_capabilities_report_primitives(shared_tiny):
+    caps = shared_tiny("llama").capabilities()
+    assert caps["features"]["token_logprobs"] and caps["features"]["attention_probe"]
+    assert caps["validation"]["layers_match_hidden_states"] is True
+    assert caps["hook_points_per_layer"][:2] == ["resid_pre", "resid_post"]
+    bert = shared_tiny("bert").capabilities()
+    assert not bert["features"]["token_logprobs"] and "token_logprobs" in bert["missing"]
