@@ -28,3 +28,15 @@ def shared_tiny():
 def smollm2_shared():
     """The bundled SmolLM2-135M-Instruct adapter (read-only, loaded once per session)."""
     return ts.load("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Run a module with one intra-op thread: on a small shared CPU, tiny models are ~50x faster this
+    way (OpenMP workers otherwise wait on each other for every 64-wide matmul). Restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -95,6 +95,7 @@ class ModelAdapter:
         self.batcher = MicroBatcher()
         self._fwd_params = set(inspect.signature(model.forward).parameters)
         self._validated: dict[str, Any] = {}
+        self.pooling_config: Any = None  # set by ts.load for sentence encoders (pooling.PoolingConfig)
         if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None) is not None:
             tokenizer.pad_token = tokenizer.eos_token
         if validate:
@@ -191,6 +192,9 @@ class ModelAdapter:
         s = self.structure
         if s.num_heads and s.num_kv_heads and s.num_heads % s.num_kv_heads:
             raise StructureError(f"num_heads={s.num_heads} is not a multiple of num_kv_heads={s.num_kv_heads}")
+        if s.is_encoder_decoder:
+            self._validated = {"skipped": "encoder-decoder models are not validated by forward probes"}
+            return self._validated
         ids = self._probe_ids(6)
         seen: list[bool] = []
         probe = s.layers[0].register_forward_hook(lambda m, a, o: seen.append(isinstance(o, tuple)))
@@ -738,23 +742,54 @@ class ModelAdapter:
         self.structure.layer_returns_tuple = tup
 
     # ------------------------------------------------------------------ pooling
-    def pool(self, inputs: Inputs, method: str = "mean", layers: Sequence[int] | None = None, normalize: bool = False) -> torch.Tensor:
+    def pool(
+        self,
+        inputs: Inputs,
+        method: str | None = None,
+        layers: Sequence[int] | None = None,
+        normalize: bool | None = None,
+    ) -> torch.Tensor:
         """Sentence embeddings ``[B, d]`` by pooling hidden states over real tokens (MOD-12).
 
-        ``method`` is ``'mean'`` (sentence-transformers' pooling for MiniLM), ``'cls'``, ``'last'`` or ``'max'``;
-        ``layers`` averages several hidden-state layers (WhiteningBERT: ``(1, -1)``); ``normalize`` L2-normalises.
+        Defaults come from ``self.pooling_config`` (for ``ts.load("minilm-l6")``: sentence-transformers'
+        mean pooling + L2 normalisation, max length 256), else mean pooling without normalisation.
+
+        Args:
+            inputs: a string, a list of strings (tokenized with truncation, as sentence-transformers
+                does), or encoded inputs.
+            method: ``'mean'``, ``'cls'``, ``'last'`` or ``'max'``.
+            layers: hidden-state layers to average first (WhiteningBERT: ``(1, -1)``; index 0 is the
+                embedding output).
+            normalize: L2-normalise.
+
+        Example:
+            >>> import tokensmith as ts
+            >>> ts.tiny("bert").pool(["a sentence", "another one"]).shape[0]
+            2
         """
         from tokensmith.models import pooling
 
+        cfg = self.pooling_config
+        method = method or (cfg.method if cfg else "mean")
+        if layers is None and cfg is not None:
+            layers = cfg.layers
+        normalize = normalize if normalize is not None else (cfg.normalize if cfg else False)
+        if isinstance(inputs, str) or (isinstance(inputs, Sequence) and inputs and all(isinstance(t, str) for t in inputs)):
+            texts = [inputs] if isinstance(inputs, str) else list(inputs)
+            with torch.no_grad():
+                return pooling.sentence_embedding(
+                    self.model, self.tokenizer, texts, normalize, method=method, layers=layers,
+                    max_length=cfg.max_length if cfg else None,
+                )
         batch = self.as_batch(inputs)
         am = batch.attention_mask if isinstance(batch, EncodedBatch) else batch["attention_mask"]
         hs = self.hidden_states(batch)
-        if layers is None:
-            h: Any = hs[-1]
-        else:
-            h = [hs[i] for i in layers]
-        out = pooling.pool(h, am.to(hs.device), method=method)
+        out = pooling.pool(list(hs), am.to(hs.device), method=method, layers=layers if layers is not None else -1)
         return pooling.l2_normalize(out) if normalize else out
+
+    def sentence_embedding(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Embed texts with the adapter's pooling configuration (see :meth:`pool`)."""
+        return self.pool(texts)
 
     @contextmanager
     def eval_mode(self):
