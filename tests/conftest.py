@@ -6,8 +6,6 @@ import pytest
 
 import tokensmith as ts
 
-ADAPTER_CAUSAL_ARCHS = ("gpt2", "llama", "qwen2", "gemma3", "gpt_neox")
-
 
 @pytest.fixture(scope="session")
 def shared_tiny():

@@ -165,3 +165,9 @@ def test_gemma3_cache_is_reported_hybrid():
     g = ts.tiny("gemma3")
     cache, _ = kvcache.prefill(g, "hello there")
     assert kvcache.cache_kind(cache) in ("hybrid", "sliding", "dynamic")
+
+
+def test_unembed_is_the_logit_lens_identity_for_bert_mlm_head():
+    ad = ts.tiny("bert")
+    out = ad.forward(ad.encode("hello world"), output_hidden_states=True)
+    torch.testing.assert_close(ad.unembed(out.hidden_states[-1]), out.logits)

@@ -562,11 +562,20 @@ class ModelAdapter:
         if s.lm_head is None:
             raise ValueError("this model has no LM head to unembed with")
         x = s.final_norm(h) if (final_norm and s.final_norm is not None) else h
-        z = s.lm_head(x)
+        z = self._head_module()(x)
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
             z = torch.tanh(z / cap) * cap
         return z
+
+    def _head_module(self) -> nn.Module:
+        """The module that maps final hidden states to logits: the model's top-level child that holds the
+        output embeddings (``lm_head`` for causal LMs; BERT's ``cls`` prediction head with its transform)."""
+        s = self.structure
+        path = s.lm_head_path or ""
+        top = path.split(".")[0] if path else ""
+        head = getattr(self.model, top, None) if top else None
+        return head if isinstance(head, nn.Module) else s.lm_head  # type: ignore[return-value]
 
     def allowed_token_mask(self, **kwargs: Any) -> torch.Tensor:
         """Ids a token-space search may use (see :func:`tokensmith.models.vocab.allowed_token_mask`)."""

@@ -22,7 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["AttentionProbe", "eager_attention_probs", "PROBE_IMPL"]
 
 PROBE_IMPL = "tokensmith_probe"
-_ACTIVE: dict[int, tuple[AttentionProbe, int]] = {}
+# id(attention module) -> the (probe, layer) pairs recording it; several when probes are nested
+_ACTIVE: dict[int, list[tuple[AttentionProbe, int]]] = {}
 _LOCK = threading.Lock()
 _REGISTERED = False
 
@@ -71,10 +72,9 @@ def eager_attention_probs(
 def _probe_attention(module: Any, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    entry = _ACTIVE.get(id(module))
-    if entry is None:
+    entries = _ACTIVE.get(id(module))
+    if not entries:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    probe, layer = entry
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
@@ -85,7 +85,8 @@ def _probe_attention(module: Any, query, key, value, attention_mask, dropout: fl
     n_rep = query.shape[1] // value.shape[1]
     v = value.repeat_interleave(n_rep, dim=1) if n_rep > 1 else value
     out = torch.matmul(probs.to(v.dtype), v).transpose(1, 2).contiguous()
-    probe._record(layer, probs)
+    for probe, layer in list(entries):
+        probe._record(layer, probs)
     return out, None
 
 
@@ -151,7 +152,7 @@ class AttentionProbe:
             _register()
             with _LOCK:
                 for i, m in zip(self.layers, self._probe_modules(mods), strict=True):
-                    _ACTIVE[id(m)] = (self, i)
+                    _ACTIVE.setdefault(id(m), []).append((self, i))
             self._saved_impl = impl
             config._attn_implementation = PROBE_IMPL
         else:
@@ -185,8 +186,10 @@ class AttentionProbe:
         self._handles.clear()
         if self._mode == "probe":
             with _LOCK:
-                for k in [k for k, v in _ACTIVE.items() if v[0] is self]:
-                    del _ACTIVE[k]
+                for k in list(_ACTIVE):
+                    _ACTIVE[k] = [e for e in _ACTIVE[k] if e[0] is not self]
+                    if not _ACTIVE[k]:
+                        del _ACTIVE[k]
             self.adapter.model.config._attn_implementation = self._saved_impl
 
     def __getitem__(self, layer: int) -> torch.Tensor:
