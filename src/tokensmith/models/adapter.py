@@ -65,7 +65,7 @@ class ModelAdapter:
         validate: run the load-time self-check (layer i output ≈ ``hidden_states[i+1]``, attention rows
             sum to 1, GQA group sizes).
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> ad = ts.tiny("llama")
         >>> lps = ad.token_logprobs(ad.encode("The cat", target=" sat"))
@@ -151,7 +151,7 @@ class ModelAdapter:
     def capabilities(self) -> dict[str, Any]:
         """What discovery found and which primitives work on this model.
 
-        Example:
+        Examples:
             >>> import tokensmith as ts
             >>> caps = ts.tiny("gpt2").capabilities()
             >>> caps["structure"]["num_layers"], caps["features"]["token_logprobs"]
@@ -261,7 +261,7 @@ class ModelAdapter:
     def encode(self, prompt: Any = None, target: str | None = None, **kwargs: Any) -> Encoded:
         """Span-aware joint encoding; see :func:`tokensmith.models.encoding.encode` for all options.
 
-        Example:
+        Examples:
             >>> import tokensmith as ts
             >>> ad = ts.tiny("llama")
             >>> enc = ad.encode("Hi", target=" there", chat=True)
@@ -406,7 +406,7 @@ class ModelAdapter:
             grad: keep the autograd graph (for the one-hot/embedding path); default no_grad.
             max_batch_size: micro-batch size (chunks halve on OOM; the adapter remembers what fit).
 
-        Example:
+        Examples:
             >>> import tokensmith as ts
             >>> ad = ts.tiny("gpt2")
             >>> out = ad.token_logprobs(ad.encode("Hello", target=" world"))
@@ -615,7 +615,7 @@ class ModelAdapter:
         ``renorm=True`` preserves each token's norm: h ← (h + αv)·‖h‖/‖h + αv‖ (GrAInS).
         ``positions`` are absolute (valid in prefill and in decode steps).
 
-        Example:
+        Examples:
             >>> import torch, tokensmith as ts
             >>> ad = ts.tiny("llama")
             >>> v = torch.randn(ad.structure.hidden_size)
@@ -771,7 +771,7 @@ class ModelAdapter:
                 embedding output).
             normalize: L2-normalise.
 
-        Example:
+        Examples:
             >>> import tokensmith as ts
             >>> ts.tiny("bert").pool(["a sentence", "another one"]).shape[0]
             2

@@ -108,7 +108,7 @@ class AttentionProbe:
     Use :meth:`ModelAdapter.capture_attention`. Inside the block every forward appends one
     ``[B, H, Tq_sel, Tk]`` fp32 tensor per probed layer (``Tq_sel`` = the requested query rows).
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> ad = ts.tiny("llama")
         >>> with ad.capture_attention(layers=[1]) as att:

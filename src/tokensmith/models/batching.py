@@ -37,7 +37,7 @@ class MicroBatcher:
         memory_budget: bytes per chunk; with ``bytes_per_item`` given to :meth:`run` the first chunk is
             ``memory_budget // bytes_per_item``.
 
-    Example:
+    Examples:
         >>> mb = MicroBatcher(max_batch_size=4)
         >>> mb.run(lambda s, e: list(range(s, e)), 10)
         [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

@@ -30,7 +30,7 @@ def insert_embeddings(
     Returns:
         ``inputs_embeds [B, T+k, d]``, ``attention_mask``, ``position_ids``, ``virtual_mask``, ``input_ids``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> e = torch.zeros(1, 2, 3); m = torch.ones(1, 2, dtype=torch.long); ids = torch.tensor([[5, 6]])
         >>> out = insert_embeddings(e, m, ids, torch.ones(1, 3), [0])

@@ -26,7 +26,7 @@ TEMPLATE = "template"
 class Slot:
     """A named piece of text inside a prompt whose token span you want back (e.g. an adversarial suffix).
 
-    Example:
+    Examples:
         >>> Slot("suffix", "! ! ! !").name
         'suffix'
     """
@@ -210,7 +210,7 @@ def encode(
         ValueError: empty input, a slow tokenizer, a chat template that rewrites message text, or a
             target that yields no token.
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> from tokensmith.models import Slot
         >>> ad = ts.tiny("llama")
@@ -374,7 +374,7 @@ def _substitute(rendered: str, pieces: list[tuple[str, str]]) -> tuple[str, list
 def pad_batch(examples: Sequence[Encoded], pad_id: int) -> EncodedBatch:
     """Left-pad encoded examples into an :class:`EncodedBatch`.
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> ad = ts.tiny("llama")
         >>> b = ad.encode_batch(["a", "a longer prompt"])

@@ -185,7 +185,7 @@ class HookSession:
             are needed); the adapter's ``forward`` returns None in that case.
         offload: device to move cached tensors to (e.g. ``"cpu"``).
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> ad = ts.tiny("llama")
         >>> with ad.hooks(cache=["layers.*.resid_post"]) as h:

@@ -66,7 +66,7 @@ def _check_layers(adapter: ModelAdapter, layers: Iterable[int]) -> list[int]:
 def skip_layers(adapter: ModelAdapter, layers: Iterable[int]) -> Iterator[ModelAdapter]:
     """Physically skip ``layers`` inside the block (reversible ``delete_layer``).
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> ad = ts.tiny("llama")
         >>> with ad.skip_layers([1]):

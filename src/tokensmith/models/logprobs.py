@@ -24,7 +24,7 @@ def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 10
     Returns:
         fp32 tensor of shape ``targets.shape``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> z = torch.tensor([[0.0, 0.0]])
         >>> round(gather_logprobs(z, torch.tensor([1])).item(), 4)
@@ -50,14 +50,15 @@ def token_kl(
     """Per-position KL(p ‖ q) = Σ_v p_v (log p_v − log q_v), chunked over positions.
 
     Args:
-        p_logits, q_logits: ``[..., V]`` logits of the two distributions (same shape).
+        p_logits: ``[..., V]`` logits of p.
+        q_logits: ``[..., V]`` logits of q (same shape).
         mask: optional ``[...]`` boolean; masked-out positions get 0.
         chunk: positions per chunk.
 
     Returns:
         fp32 ``[...]``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> z = torch.randn(3, 5)
         >>> token_kl(z, z).abs().max().item() < 1e-6

@@ -100,7 +100,7 @@ def pool(
     Raises:
         ValueError: unknown method, shape mismatch, or a row with no attended token.
 
-    Example:
+    Examples:
         >>> import torch
         >>> h = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [9.0, 9.0]]])   # B=1, T=3, H=2
         >>> m = torch.tensor([[1, 1, 0]])                               # last position is padding
@@ -147,7 +147,7 @@ def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
         dim: the dimension holding the vectors.
         eps: lower bound on the norm (a zero vector stays zero).
 
-    Example:
+    Examples:
         >>> import torch
         >>> l2_normalize(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
         tensor([[0.6000, 0.8000],

@@ -35,7 +35,7 @@ class AdapterSpec:
     adapter; ``attn``, ``mlp``, ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` and ``mlp_out`` are relative
     to one decoder layer.
 
-    Example:
+    Examples:
         >>> from tokensmith.models import AdapterSpec
         >>> spec = AdapterSpec(layers="model.layers", final_norm="model.norm")
         >>> spec.layers
@@ -291,7 +291,7 @@ def discover(model: nn.Module, spec: AdapterSpec | None = None) -> ModelStructur
         StructureError: when the layer stack or the input embeddings cannot be found. The message names
             the missing part and the ``AdapterSpec`` field to set.
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> s = ts.tiny("llama").structure
         >>> (s.layers_path, s.num_layers, s.num_kv_heads)

@@ -41,7 +41,7 @@ def add_tokens(
         special: add as special tokens (never split, skipped when decoding with skip_special_tokens).
         init_out: ``[k, d]`` output-embedding rows for untied models (default: same rule as ``init``).
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> ad = ts.tiny("llama")
         >>> ids = ad.add_tokens(["<think>"], special=True)

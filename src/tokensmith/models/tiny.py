@@ -9,7 +9,7 @@ templates, padding and every structural feature (GQA, tied/untied embeddings, Ge
 embedding scale and sliding-window layers, encoder-decoder cross attention) are those of the
 real architecture.
 
-Example:
+Examples:
     >>> from tokensmith.models.tiny import tiny_model_and_tokenizer
     >>> model, tok = tiny_model_and_tokenizer("llama", seed=0)           # doctest: +SKIP
     >>> model.config.num_key_value_heads, model.config.vocab_size == len(tok)   # doctest: +SKIP
@@ -253,7 +253,7 @@ def tiny(
 ) -> ModelAdapter:
     """A ``ModelAdapter`` over a tiny random model; see :func:`tiny_model_and_tokenizer`.
 
-    Example:
+    Examples:
         >>> import tokensmith as ts                     # doctest: +SKIP
         >>> adapter = ts.tiny("gemma3", seed=1)         # doctest: +SKIP
     """

@@ -37,7 +37,7 @@ def allowed_token_mask(
         blocklist: ids to drop (e.g. under-trained tokens).
         allow_special: keep special/added tokens.
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> ad = ts.tiny("llama")
         >>> m = ad.allowed_token_mask()

