@@ -99,7 +99,7 @@ def build_report(
         strict: re-raise a section's exception (tests); otherwise the error is shown in its card.
         title: page title.
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> from tokensmith.report import build_report
         >>> rep = build_report(ts.tiny("llama"), sections=["model"], progress=False)

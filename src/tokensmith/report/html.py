@@ -4,7 +4,7 @@ Everything here returns strings. Text is always escaped with :func:`esc`; caller
 strings. The page never references a URL: no ``src``/``href`` to ``http(s)``, no web fonts,
 no scripts.
 
-Example:
+Examples:
     >>> from tokensmith.report import html
     >>> "&lt;b&gt;" in html.table(["x"], [["<b>"]])
     True

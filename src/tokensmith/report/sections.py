@@ -394,7 +394,7 @@ def logprob_heatmap(adapter: ModelAdapter, ctx: ReportContext) -> Section:
             cls = "tpl" if seg[i] == "template" else "ctx"
             tip = f"{seg[i]}: {p.text!r} (token {p.raw!r}, id {p.id})"
             spans.append(f'<span class="tok {cls}" title="{H.esc(tip)}">{text}</span>')
-        if p.text.endswith("\n") or (p.special and p.raw.endswith("end|>")):
+        if not p.special and p.text.endswith("\n"):
             spans.append("<br>")
     worst = sorted(range(n), key=lambda k: float(vals[k]))[:8]
     worst_rows = [
@@ -483,7 +483,7 @@ def _mean_resid(adapter: ModelAdapter, prompts: list[str], name: str) -> tuple[t
 
 def _top(lp: torch.Tensor, tok: Any, k: int) -> list[tuple[str, float]]:
     v, i = lp.topk(k)
-    return [(tok.decode([int(a)]), float(b.exp())) for a, b in zip(i, v)]
+    return [(tok.decode([int(a)]), float(b.exp())) for a, b in zip(i, v, strict=True)]
 
 
 @register_section("steering", order=40, title="Activation steering", requires=("token_logprobs", "generate"))
@@ -527,7 +527,10 @@ def steering(adapter: ModelAdapter, ctx: ReportContext) -> Section:
     gen_base = adapter.generate(prompt, max_new_tokens=n_new)
     gens = [{"alpha": 0.0, "renorm": None, "label": "no hooks (baseline)", "text": gen_base.texts[0],
              "ids": gen_base.new_tokens[0].tolist()}]
-    for a, renorm in ((0.0, False), (shown_alpha, False), (shown_alpha, True)):
+    settings = [(0.0, False), (shown_alpha, False), (shown_alpha, True)]
+    if not ctx.quick:
+        settings.append((2 * shown_alpha, True))
+    for a, renorm in settings:
         with adapter.steer(name, v, alpha=a, positions=positions, renorm=renorm):
             g = adapter.generate(prompt, max_new_tokens=n_new)
         gens.append({"alpha": a, "renorm": renorm, "label": f"alpha={a:g}, renorm={renorm}", "text": g.texts[0],
@@ -545,7 +548,7 @@ def steering(adapter: ModelAdapter, ctx: ReportContext) -> Section:
     top_t = _top(steered[(shown_alpha, True)], tok, 10)
     top_rows = [
         [k + 1, repr(b[0]), f"{b[1]:.4f}", repr(f[0]), f"{f[1]:.4f}", repr(t[0]), f"{t[1]:.4f}"]
-        for k, (b, f, t) in enumerate(zip(top_base, top_f, top_t))
+        for k, (b, f, t) in enumerate(zip(top_base, top_f, top_t, strict=True))
     ]
     gen_html = "".join(
         f"<div><b>{H.esc(g['label'])}</b><pre class='gen'>{H.esc(g['text'])}</pre></div>" for g in gens
@@ -569,7 +572,7 @@ def steering(adapter: ModelAdapter, ctx: ReportContext) -> Section:
         + f"<h3>Greedy generation ({n_new} new tokens)</h3>"
         + gen_html
         + '<p class="note">One prompt and one vector: an illustration of the hook API, not an evaluation of '
-        "steering. Large α (≥ 4 here) usually degrades the text into repetition.</p>"
+        "steering. Too large an α pushes the residual stream off its usual range and fluency suffers.</p>"
     )
     strongest = max(runs, key=lambda r: r["kl"])
     summary = [

@@ -105,7 +105,7 @@ def token_pieces(
     Returns:
         One :class:`TokenPiece` per token.
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> tok = ts.tiny("llama").tokenizer
         >>> enc = tok("Привет", add_special_tokens=False, return_offsets_mapping=True)
@@ -157,7 +157,7 @@ def _byte_level_run(run, ids, raws, text, offs, pieces) -> bool:
         pos += n
     p = 0
     ci = 0
-    for i, b in zip(run, tb):
+    for i, b in zip(run, tb, strict=True):
         q = p + len(b)  # type: ignore[arg-type]
         parts: list[tuple[str, bool, str]] = []
         while ci < len(char_ranges) and char_ranges[ci][1] <= p:
