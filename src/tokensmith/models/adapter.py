@@ -324,9 +324,13 @@ class ModelAdapter:
         else:
             d = dict(batch)
             am = d.get("attention_mask")
-            if "position_ids" not in d and am is not None:
+            if "position_ids" not in d and am is not None and not bool(am.all()):
                 d["position_ids"] = (am.long().cumsum(-1) - 1).clamp_min(0)
-        if "position_ids" not in self._fwd_params:
+        am = d.get("attention_mask")
+        if "position_ids" not in self._fwd_params or (
+            am is not None and bool(am.all()) and isinstance(batch, EncodedBatch)
+        ):
+            # no padding: the model derives the same positions itself (keeps the exact HF path)
             d.pop("position_ids", None)
         return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
 
