@@ -323,15 +323,14 @@ class ModelAdapter:
             d = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
         else:
             d = dict(batch)
-            am = d.get("attention_mask")
-            if "position_ids" not in d and am is not None and not bool(am.all()):
-                d["position_ids"] = (am.long().cumsum(-1) - 1).clamp_min(0)
         am = d.get("attention_mask")
-        if "position_ids" not in self._fwd_params or (
-            am is not None and bool(am.all()) and isinstance(batch, EncodedBatch)
-        ):
-            # no padding: the model derives the same positions itself (keeps the exact HF path)
+        padded = am is not None and not bool(am.all())
+        if "position_ids" not in self._fwd_params:
             d.pop("position_ids", None)
+        elif padded and "position_ids" not in d:
+            d["position_ids"] = (am.long().cumsum(-1) - 1).clamp_min(0)
+        elif not padded and isinstance(batch, EncodedBatch):
+            d.pop("position_ids")  # no padding: the model derives the same positions (exact HF path)
         return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
 
     def forward(
@@ -370,7 +369,8 @@ class ModelAdapter:
                 d["position_ids"] = position_ids.to(self.device)
         if logits_to_keep is not None and "logits_to_keep" in self._fwd_params:
             d["logits_to_keep"] = logits_to_keep
-        d.setdefault("use_cache", False) if "use_cache" in self._fwd_params else None
+        if "use_cache" in self._fwd_params:
+            d.setdefault("use_cache", False)
         d.update(kwargs)
         try:
             return self.model(**d)
