@@ -317,6 +317,21 @@ class ModelAdapter:
             return self.encode_batch(list(inputs))
         raise TypeError(f"unsupported input type {type(inputs).__name__}")
 
+    @staticmethod
+    def _ids_and_mask(batch: EncodedBatch | dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(batch, EncodedBatch):
+            return batch.input_ids, batch.attention_mask
+        return batch["input_ids"], batch["attention_mask"]
+
+    def _default_scored_mask(self, batch: EncodedBatch | dict[str, torch.Tensor]) -> torch.Tensor:
+        """The encoded target when there is one, else every real token that has a predicting position
+        (all but the first real token of each left-padded row)."""
+        ids, am = self._ids_and_mask(batch)
+        if isinstance(batch, EncodedBatch) and batch.target_mask.any():
+            return batch.target_mask
+        first = (am.long().cumsum(-1) == 1) & am.bool()
+        return am.bool() & ~first
+
     # ------------------------------------------------------------------ forward
     def _model_inputs(self, batch: EncodedBatch | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if isinstance(batch, EncodedBatch):
@@ -418,15 +433,9 @@ class ModelAdapter:
             True
         """
         batch = self.as_batch(inputs)
-        ids = batch.input_ids if isinstance(batch, EncodedBatch) else batch["input_ids"]
-        am = batch.attention_mask if isinstance(batch, EncodedBatch) else batch["attention_mask"]
+        ids, am = self._ids_and_mask(batch)
         if target_mask is None:
-            tm = batch.target_mask if isinstance(batch, EncodedBatch) else torch.zeros_like(ids, dtype=torch.bool)
-            if not tm.any():
-                tm = am.bool().clone()
-                if self.is_causal:
-                    first = (am.long().cumsum(-1) == 1) & am.bool()
-                    tm &= ~first
+            tm = self._default_scored_mask(batch)
         else:
             tm = target_mask.to(torch.bool)
             if tm.shape != ids.shape:
@@ -495,14 +504,10 @@ class ModelAdapter:
         if self.tokenizer.get_vocab() != other.tokenizer.get_vocab():
             raise ValueError("KL needs the same tokenizer on both models; these vocabularies differ")
         batch = self.as_batch(inputs)
-        ids = batch.input_ids if isinstance(batch, EncodedBatch) else batch["input_ids"]
-        am = batch.attention_mask if isinstance(batch, EncodedBatch) else batch["attention_mask"]
+        ids, _ = self._ids_and_mask(batch)
         if mask is None:
-            mask = batch.target_mask if isinstance(batch, EncodedBatch) and batch.target_mask.any() else am.bool()
-            mask = mask.clone()
+            mask = self._default_scored_mask(batch).clone()
             mask[:, 0] = False
-            # the first real token of a (left-padded) row has no predicting distribution (as in token_logprobs)
-            mask &= ~((am.long().cumsum(-1) == 1) & am.bool()).to(mask.device)
         keep = lp.shift_target_mask(mask)
         outs = []
         for ad in (self, other):
@@ -728,9 +733,7 @@ class ModelAdapter:
         """
         from tokensmith.models.embeddings import insert_embeddings
 
-        batch = self.as_batch(inputs)
-        ids = batch.input_ids if isinstance(batch, EncodedBatch) else batch["input_ids"]
-        am = batch.attention_mask if isinstance(batch, EncodedBatch) else batch["attention_mask"]
+        ids, am = self._ids_and_mask(self.as_batch(inputs))
         emb = self.embed(ids)
         return insert_embeddings(emb, am.to(emb.device), ids.to(emb.device), vectors.to(emb), positions, self.pad_token_id)
 
@@ -795,7 +798,7 @@ class ModelAdapter:
                     max_length=cfg.max_length if cfg else None,
                 )
         batch = self.as_batch(inputs)
-        am = batch.attention_mask if isinstance(batch, EncodedBatch) else batch["attention_mask"]
+        _, am = self._ids_and_mask(batch)
         hs = self.hidden_states(batch)
         out = pooling.pool(list(hs), am.to(hs.device), method=method, layers=layers if layers is not None else -1)
         return pooling.l2_normalize(out) if normalize else out
