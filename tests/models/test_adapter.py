@@ -63,20 +63,25 @@ def test_next_token_logprobs_is_the_last_position_distribution(shared_tiny):
         assert_close(nxt[i], torch.log_softmax(z, -1), atol=1e-5, rtol=0)
 
 
-def test_bert_forward_and_hidden_states_equal_plain_hf(shared_tiny):
-    # a left-padded batch must reproduce each example's own plain forward (positions count real tokens)
-    ad = shared_tiny("bert")
-    b = ad.encode_batch(["hello world", "a somewhat longer sentence for bert"])
+def _assert_encoder_batch_equals_plain(ad, b, key):
+    """A left-padded batch reproduces each example's own plain forward: output ``key`` and every hidden state."""
     with torch.no_grad():
-        logits = b.unpad(ad.forward(b).logits)
+        out = b.unpad(getattr(ad.forward(b), key))
         hs = ad.hidden_states(b)
     assert hs.shape[0] == ad.structure.num_layers + 1
     for i, ex in enumerate(b.examples):
         with torch.no_grad():
             ref = ad.model(input_ids=ex.input_ids[None], output_hidden_states=True)
-        assert_close(logits[i], ref.logits[0], atol=1e-5, rtol=0)
+        assert_close(out[i], getattr(ref, key)[0], atol=1e-5, rtol=0)
         for layer, h in enumerate(ref.hidden_states):
             assert_close(b.unpad(hs[layer])[i], h[0], atol=1e-5, rtol=0)
+
+
+def test_bert_forward_and_hidden_states_equal_plain_hf(shared_tiny):
+    # a left-padded batch must reproduce each example's own plain forward (positions count real tokens)
+    ad = shared_tiny("bert")
+    b = ad.encode_batch(["hello world", "a somewhat longer sentence for bert"])
+    _assert_encoder_batch_equals_plain(ad, b, "logits")
     with pytest.raises(ValueError, match="causal"):
         ad.token_logprobs(b)
 
@@ -99,16 +104,8 @@ def test_smollm2_forward_and_token_logprobs_equal_plain_hf(smollm2_shared):
 def test_minilm_hidden_states_equal_plain_hf():
     ad = ts.load("minilm-l6")
     b = ad.encode_batch(["A man is eating food.", "Hi"])
-    with torch.no_grad():
-        out = b.unpad(ad.forward(b).last_hidden_state)
-        hs = ad.hidden_states(b)
-    assert hs.shape[0] == 7
-    for i, ex in enumerate(b.examples):
-        with torch.no_grad():
-            ref = ad.model(input_ids=ex.input_ids[None], output_hidden_states=True)
-        assert_close(out[i], ref.last_hidden_state[0], atol=1e-5, rtol=0)
-        for layer, h in enumerate(ref.hidden_states):
-            assert_close(b.unpad(hs[layer])[i], h[0], atol=1e-5, rtol=0)
+    _assert_encoder_batch_equals_plain(ad, b, "last_hidden_state")
+    assert ad.structure.num_layers == 6
 
 
 # ------------------------------------------------------------------ one-hot / embedding path
