@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerance import fp32_atol
 
 import tokensmith as ts
 from tokensmith.cli import main
@@ -108,7 +109,10 @@ def test_heatmap_numbers_are_consistent(adapter, report, page):
     assert _id_value(page, "nll-mean") == pytest.approx(nll / len(lps), rel=1e-5)
     assert _id_value(page, "ppl") == pytest.approx(math.exp(nll / len(lps)), rel=1e-4)
     # ranks come from the full distribution and are consistent with the log-probs
-    assert sec.data["max_abs_diff_vs_full_logits"] < 1e-4
+    with torch.no_grad():
+        zmax = float(adapter.forward(enc).logits.abs().max())
+    # target-row logits vs the full distribution: only the LM head's kernel differs (tests/README.md)
+    assert sec.data["max_abs_diff_vs_full_logits"] <= fp32_atol(zmax, adapter.structure.hidden_size)
     ranks = [int(r) for r in re.findall(r'data-rank="(\d+)"', page)]
     assert len(ranks) == len(lps) and min(ranks) >= 1
     assert max(ranks) <= adapter.structure.vocab_size
