@@ -252,7 +252,7 @@ def test_target_mask_errors(shared_tiny):
         ad.token_logprobs(ids, torch.ones(1, ids.shape[1] + 1, dtype=torch.bool))
     first = torch.zeros_like(ids, dtype=torch.bool)
     first[0, 0] = True
-    with pytest.raises(ValueError, match="first token"):
+    with pytest.raises(ValueError, match="first real token"):
         ad.token_logprobs(ids, first)
     with pytest.raises(TypeError, match="integer"):
         ad.forward(ids.float())

@@ -223,3 +223,135 @@ def test_smollm2_probe_equals_eager_attention(smollm2_shared):
         ad.config._attn_implementation = "sdpa"
     _assert_real_close(att[5], ref[5], b)
     assert att.grouped(5).shape == (2, 3, *att[5].shape[2:])
+
+
+# ---------------------------------------------------------------- issue 5 §5: rows, exit order, hybrids
+def _padded_ids(T: int = 12, pad: int = 5):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(10, 2000, (2, T), generator=g)
+    am = torch.ones(2, T, dtype=torch.long)
+    am[1, :pad] = 0
+    ids[1, :pad] = 0
+    return {"input_ids": ids, "attention_mask": am}
+
+
+@pytest.mark.parametrize("rows", [[-1], slice(-3, None), torch.tensor([2, 7, 11]), 4])
+def test_rows_probe_computes_only_the_requested_rows(rows, shared_tiny, monkeypatch):
+    """rows=... equals the full probe's rows, leaves the layer's SDPA output untouched, and never builds
+    a [B, H, T, T] score matrix (every softmax the probe runs has |rows| query rows)."""
+    ad = shared_tiny("qwen2")  # GQA 4/2
+    b = _padded_ids()
+    T = b["input_ids"].shape[1]
+    sel = torch.arange(T)[rows].reshape(-1)
+    with torch.no_grad():
+        base = ad.forward(dict(b)).logits
+    with torch.no_grad(), ad.capture_attention([0, 1]) as full:
+        ad.forward(dict(b))
+    shapes = []
+    real_softmax = torch.softmax
+
+    def recording_softmax(x, *a, **kw):
+        shapes.append(tuple(x.shape))
+        return real_softmax(x, *a, **kw)
+
+    monkeypatch.setattr(torch, "softmax", recording_softmax)
+    with torch.no_grad(), ad.capture_attention([0, 1], rows=rows) as att:
+        out = ad.forward(dict(b)).logits
+    monkeypatch.setattr(torch, "softmax", real_softmax)
+    assert shapes and all(s[-2] == len(sel) for s in shapes), shapes  # no [.., T, T] matrix
+    assert max(s[0] * s[1] * s[2] * s[3] for s in shapes) == 2 * 4 * len(sel) * T
+    assert torch.equal(out, base)  # probed layers kept their SDPA output
+    for layer in (0, 1):
+        got = att[layer]
+        assert got.shape == (2, 4, len(sel), T)
+        # same formula on a subset of rows: equal up to fp32 rounding of the score dot products (d = 16)
+        assert_close(got, full[layer][:, :, sel], atol=1e-6, rtol=0)
+
+
+def test_rows_probe_during_generation_takes_the_last_row(shared_tiny):
+    ad = shared_tiny("llama")
+    enc = ad.encode("Once upon a time")
+    T0 = len(enc)
+    with ad.capture_attention([1], rows=[-1]) as att:
+        ad.generate(enc, max_new_tokens=2, min_new_tokens=2)
+    with ad.capture_attention([1]) as full:
+        ad.generate(enc, max_new_tokens=2, min_new_tokens=2)
+    assert [tuple(x.shape[2:]) for x in att.steps(1)] == [(1, T0), (1, T0 + 1)]
+    for got, ref in zip(att.steps(1), full.steps(1), strict=True):
+        assert_close(got, ref[:, :, -1:], atol=1e-6, rtol=0)
+
+
+def test_probes_exited_out_of_order_restore_the_implementation(shared_tiny):
+    from tokensmith.models.attention import PROBE_IMPL
+
+    ad = shared_tiny("llama")
+    ids = torch.tensor([[11, 12, 13, 14]])
+    p1 = ad.capture_attention([0]).__enter__()
+    p2 = ad.capture_attention([1]).__enter__()
+    p1.__exit__(None, None, None)
+    assert ad.config._attn_implementation == PROBE_IMPL  # p2 is still open
+    with torch.no_grad():
+        ad.forward(ids)
+    assert len(p2.steps(1)) == 1 and len(p1.steps(0)) == 0
+    p2.__exit__(None, None, None)
+    assert ad.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        ad.forward(ids)
+    assert len(p2.steps(1)) == 1  # nothing recorded after exit
+    # in-order nesting and a re-entered probe still restore
+    with ad.capture_attention([0]), ad.capture_attention([1]):
+        assert ad.config._attn_implementation == PROBE_IMPL
+    assert ad.config._attn_implementation == "sdpa"
+
+
+def _tiny_hybrid(kind: str):
+    """A 2-layer, 64-wide hybrid whose layer 0 is not attention (recurrent / linear attention)."""
+    import transformers
+
+    from tokensmith.models.tiny import _decoder_tokenizer
+
+    tok = _decoder_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if kind == "qwen3_next":
+        cfg = transformers.Qwen3NextConfig(
+            **common, head_dim=16, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
+            linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16, num_experts=2,
+            num_experts_per_tok=1, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+        cls = transformers.Qwen3NextForCausalLM
+    else:
+        cfg = transformers.RecurrentGemmaConfig(**common, lru_width=64, block_types=["recurrent", "attention"],
+                                                attention_window_size=16)
+        cls = transformers.RecurrentGemmaForCausalLM
+    cfg._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = cls(cfg).eval()
+    return ts.ModelAdapter(model, tok)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_next", "recurrent_gemma"])
+def test_hybrid_attention_capture_per_attention_layer(kind):
+    ad = _tiny_hybrid(kind)
+    caps = ad.capabilities()
+    assert caps["attention_layers"] == [1]
+    assert caps["features"]["attention_probe"] is True
+    b = _padded_ids(T=8, pad=3)
+    with torch.no_grad(), ad.capture_attention() as att:  # default: the attention layers
+        ad.forward(dict(b))
+    assert att.layers == [1]
+    assert ad.config._attn_implementation == "sdpa"
+    pos = (b["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    ad.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            ref = ad.model(**b, position_ids=pos, output_attentions=True).attentions[-1]
+    finally:
+        ad.config._attn_implementation = "sdpa"
+    for r, p in ((0, 0), (1, 3)):  # real query rows / key columns
+        assert_close(att[1][r][:, p:, p:], ref[r][:, p:, p:], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"layers with attention: \[1\]"):
+        ad.capture_attention([0])
+    with pytest.raises(ValueError, match=r"layers with attention: \[1\]"):
+        ad.capture_attention([-2, 1])

@@ -149,3 +149,184 @@ def test_is_oom():
 @pytest.mark.real_model
 def test_smollm2_left_padded_batch_equals_one_at_a_time(smollm2_shared):
     _assert_batched_equals_single(smollm2_shared, [("Paris is the capital of", " France"), ("Hi", " there, friend")])
+
+
+# -- micro-batching is transparent to hooks (issue 5 §2) -------------------------------------------------------
+import math  # noqa: E402
+
+from tokensmith.models import ablate_fn, patch_fn, steer_fn  # noqa: E402
+
+HOOK_ITEMS = [("one", " two"), ("two three four", " five"), (LONG, " and"), ("seven", " eight nine")]
+SCENARIOS = ["bs1", "bs2", "bs3", "bs4", "oom"]  # B = 4; "oom": max_batch_size=4, the 4-row attempt runs out
+
+
+def _fp32_tol(ad, ref: torch.Tensor) -> float:
+    """Absolute tolerance for a value recomputed with another batch size (another BLAS blocking): a few fp32
+    ulps per accumulation, growing like sqrt(depth * width), times the magnitude."""
+    s = ad.structure
+    return 4e-6 * math.sqrt(s.num_layers * s.hidden_size) * float(ref.abs().max().clamp_min(1e-3))
+
+
+def _assert_fp32_close(ad, got, ref):
+    assert got.shape == ref.shape
+    assert_close(got, ref, atol=_fp32_tol(ad, ref), rtol=0)
+
+
+class _OOMOnce:
+    """Raise an out-of-memory error inside layer 1 (after layer 0's hooks fired) the first time a forward
+    holds more than ``rows`` rows: the failed attempt has already recorded something."""
+
+    def __init__(self, ad, rows: int = 2, err: type[BaseException] = torch.OutOfMemoryError):
+        self.ad, self.rows, self.err, self.fired, self.handle = ad, rows, err, 0, None
+
+    def __enter__(self):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            if x.shape[0] > self.rows and not self.fired:
+                self.fired += 1
+                raise self.err("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        self.handle = self.ad.structure.layers[1].register_forward_pre_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _scored(ad, b, scenario, grad=False):
+    if scenario == "oom":
+        with _OOMOnce(ad) as oom:
+            out = ad.token_logprobs(b, max_batch_size=4, grad=grad)
+        assert oom.fired == 1
+        return out
+    return ad.token_logprobs(b, max_batch_size=int(scenario[2:]), grad=grad)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_hook_cache_under_micro_batching_equals_unbatched(scenario, shared_tiny):
+    ad = shared_tiny("llama")
+    b = ad.encode_batch(HOOK_ITEMS)
+    names = ["embed", "layers.0.resid_post", "layers.1.attn.q", "layers.1.attn.probs", "logits"]
+    with torch.no_grad():
+        with ad.hooks(cache=names) as ref:
+            full = ad.token_logprobs(b)
+        with ad.hooks(cache=names) as h:
+            out = _scored(ad, b, scenario)
+    _assert_fp32_close(ad, out, full)
+    for n in names:
+        # one record per logical call, rows in order; nothing left over from a failed attempt
+        assert len(h.cache.steps(n)) == 1, n
+        _assert_fp32_close(ad, h.cache[n], ref.cache[n])
+    assert h.cache["layers.0.resid_post"].shape[:2] == b.input_ids.shape
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_hook_grads_under_micro_batching_equal_unbatched(scenario, shared_tiny):
+    ad = shared_tiny("gpt2")
+    b = ad.encode_batch(HOOK_ITEMS)
+    names = ["layers.0.resid_post", "layers.1.attn.v"]  # attn.v: a fused-QKV slice on GPT-2
+    with ad.hooks(grad=names) as ref:
+        ad.token_logprobs(b, grad=True).sum().backward()
+    with ad.hooks(grad=names) as h:
+        _scored(ad, b, scenario, grad=True).sum().backward()
+    ad.model.zero_grad(set_to_none=True)
+    for n in names:
+        (g,) = h.grads.steps(n)
+        assert g.shape[:2] == b.input_ids.shape
+        _assert_fp32_close(ad, g, ref.grads[n])
+        assert g.abs().max() > 0
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_edits_with_per_example_values_under_micro_batching(scenario, shared_tiny):
+    ad = shared_tiny("qwen2")
+    b = ad.encode_batch(HOOK_ITEMS)
+    B, T = b.input_ids.shape
+    d = ad.structure.hidden_size
+    g = torch.Generator().manual_seed(0)
+    value = torch.randn(B, T, d, generator=g)  # per-example patch
+    vec = 2 * torch.randn(B, 1, d, generator=g)  # per-example steering vector
+    mask = torch.rand(B, T, generator=g) > 0.5  # per-example position mask
+    mask[:, -2] = True
+    n0, n1 = "layers.0.resid_post", "layers.1.mlp.out"
+    edits = {
+        "patch": {n0: patch_fn(value, positions=mask)},
+        "steer": {n0: steer_fn(vec, 1.0, positions=mask)},
+        "mean_example": {n1: ablate_fn("mean", over="example")},
+        "mean_value": {n1: ablate_fn("mean", value=value[:, :1])},
+    }
+    with torch.no_grad():
+        base = ad.token_logprobs(b)
+        for kind, edit in edits.items():
+            with ad.hooks(edit=edit):
+                ref = ad.token_logprobs(b)
+                got = _scored(ad, b, scenario)
+            assert (ref - base).abs().max() > 1e-3, kind  # the edit does something
+            _assert_fp32_close(ad, got, ref)
+
+
+def test_edit_context_reports_rows_of_each_micro_batch(shared_tiny):
+    ad = shared_tiny("llama")
+    b = ad.encode_batch(HOOK_ITEMS)
+    seen = []
+    with torch.no_grad(), ad.hooks(edit={"layers.0.resid_post": lambda h, ctx: seen.append((ctx.rows, ctx.batch_size, ctx.step, h.shape[0]))}):
+        with _OOMOnce(ad):
+            ad.token_logprobs(b, max_batch_size=4)
+        ad.forward(b)
+    # failed attempt (all 4 rows), its two halves (same logical step 0), then a plain forward (step 1)
+    assert seen == [(slice(0, 4), 4, 0, 4), (slice(0, 2), 4, 0, 2), (slice(2, 4), 4, 0, 2), (slice(0, 4), 4, 1, 4)]
+
+
+def test_batch_mean_ablation_refuses_a_split_batch(shared_tiny):
+    ad = shared_tiny("llama")
+    b = ad.encode_batch(HOOK_ITEMS)
+    with torch.no_grad(), ad.hooks(edit={"layers.0.mlp.out": ablate_fn("mean")}):
+        full = ad.token_logprobs(b)
+        _assert_fp32_close(ad, ad.token_logprobs(b, max_batch_size=4), full)  # not split: the batch mean
+        with pytest.raises(ValueError, match=r"micro-batches.*value=.*over='example'"):
+            ad.token_logprobs(b, max_batch_size=2)
+        with pytest.raises(ValueError, match="micro-batches"), _OOMOnce(ad):
+            ad.token_logprobs(b, max_batch_size=4)  # split by the OOM back-off: refused too, not silently wrong
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(st.lists(st.sampled_from(WORDS), min_size=1, max_size=12), min_size=1, max_size=5),
+    st.integers(1, 5),
+    st.booleans(),
+)
+def test_micro_batched_hook_cache_equals_unbatched_property(shared_tiny, word_lists, bs, oom):
+    ad = shared_tiny("gpt_neox")
+    b = ad.encode_batch([" ".join(w) for w in word_lists])
+    name = "layers.1.resid_pre"
+    with torch.no_grad():
+        with ad.hooks(cache=name) as ref:
+            ad.forward(b)
+        with ad.hooks(cache=name) as h:
+            if oom:
+                with _OOMOnce(ad, rows=max(1, bs // 2), err=RuntimeError):
+                    ad.token_logprobs(b, max_batch_size=bs)
+            else:
+                ad.token_logprobs(b, max_batch_size=bs)
+    _assert_fp32_close(ad, h.cache[name], ref.cache[name])
+
+
+def test_micro_batch_call_drops_failed_attempts_and_checks_rows(shared_tiny):
+    ad = shared_tiny("llama")
+    ids = ad.encode_batch(["a b c", "d e f", "g h i"]).input_ids
+    name = "layers.0.resid_post"
+    with torch.no_grad(), ad.hooks(cache=name) as h:
+        with ad.micro_batch(3) as call:
+            with pytest.raises(RuntimeError, match="boom"), call.rows(0, 3):
+                ad.forward(ids)
+                raise RuntimeError("boom")
+            for s, e in ((2, 3), (0, 2)):  # any order: assembled by rows
+                with call.rows(s, e):
+                    ad.forward(ids[s:e])
+        with pytest.raises(ValueError, match="not inside a batch of 3"), ad.micro_batch(3) as call:
+            with call.rows(2, 5):
+                pass
+    with torch.no_grad(), ad.hooks(cache=name) as ref:
+        ad.forward(ids)
+    assert len(h.cache.steps(name)) == 1
+    _assert_fp32_close(ad, h.cache[name], ref.cache[name])

@@ -313,3 +313,148 @@ def test_steering_vector_validation(shared_tiny):
         ad.steer("layers.0.resid_post", torch.ones(ad.structure.hidden_size + 1))
     with pytest.raises(ValueError, match="NaN"):
         steer_fn(torch.full((4,), float("nan")))
+
+
+# -- fused QKV projections (GPT-2 c_attn, GPT-NeoX query_key_value) ----------------------------------------
+def _attn_input(ad, layer, text):
+    """The attention module's input, recorded by a plain torch hook (independent of tokensmith's hooks)."""
+    rec = {}
+    attn = ad.structure.attn[layer]
+    hd = attn.register_forward_pre_hook(
+        lambda m, a, kw: rec.__setitem__("x", (a[0] if a else kw["hidden_states"]).detach()), with_kwargs=True
+    )
+    try:
+        with torch.no_grad(), ad.hooks(cache=[f"layers.{layer}.attn.{p}" for p in "qkvz"]) as h:
+            ad.forward(text)
+    finally:
+        hd.remove()
+    return rec["x"], h.cache
+
+
+def _qkv_from_weights(ad, layer, x):
+    """q, k, v ``[B, T, H*hd]`` in float64 straight from the fused weights and the documented layout."""
+    s = ad.structure
+    H, hd, d = s.num_heads, s.head_dim, s.hidden_size
+    attn = s.attn[layer]
+    x = x.double()
+    if hasattr(attn, "c_attn"):  # GPT-2 Conv1D: weight [d, 3d], output [q | k | v]
+        qkv = x @ attn.c_attn.weight.double() + attn.c_attn.bias.double()
+        return qkv[..., :d], qkv[..., d : 2 * d], qkv[..., 2 * d :]
+    lin = attn.query_key_value  # GPT-NeoX: per head [q_h | k_h | v_h]
+    qkv = (x @ lin.weight.double().T + lin.bias.double()).unflatten(-1, (H, 3 * hd))
+    return tuple(qkv[..., j * hd : (j + 1) * hd].flatten(-2) for j in range(3))
+
+
+def _heads(t, H):
+    return t.unflatten(-1, (H, -1)).transpose(1, 2)  # [B, H, T, hd]
+
+
+def _causal_attention(q, k, v, H):
+    """z = softmax(q kᵀ / √d_head + causal mask) v, heads concatenated, float64."""
+    q, k, v = (_heads(t.double(), H) for t in (q, k, v))
+    T = q.shape[2]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2).flatten(-2)
+
+
+def _rope(ad, q, k):
+    """Apply the model's own rotary embedding (GPT-NeoX, partial rotary) to q and k: [B, T, H*hd]."""
+    from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
+
+    H = ad.structure.num_heads
+    pos = torch.arange(q.shape[1])[None]
+    cos, sin = ad.model.gpt_neox.rotary_emb(q, pos)
+    qr, kr = apply_rotary_pos_emb(_heads(q, H), _heads(k, H), cos, sin)
+    return qr.transpose(1, 2).flatten(-2), kr.transpose(1, 2).flatten(-2)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_fused_qkv_hooks_equal_the_split_of_the_fused_weights(arch, shared_tiny):
+    ad = shared_tiny(arch)
+    s = ad.structure
+    assert all(s.q_proj[i] is None for i in range(s.num_layers))  # no separate projections on these models
+    assert {"layers.1.attn.q", "layers.1.attn.k", "layers.1.attn.v"} <= set(ad.hook_names())
+    layer = 1
+    x, cache = _attn_input(ad, layer, TEXT)
+    want = _qkv_from_weights(ad, layer, x)
+    tol = 1e-5 * math.sqrt(s.hidden_size) * float(x.abs().max())
+    for part, ref in zip("qkv", want, strict=True):
+        got = cache[f"layers.{layer}.attn.{part}"]
+        assert got.shape == (*x.shape[:2], s.num_heads * s.head_dim)
+        assert_close(got.double(), ref, atol=tol, rtol=0)
+    # the split is the one attention uses: the hooked q, k, v reproduce attn.z (q/k order included)
+    q, k, v = (cache[f"layers.{layer}.attn.{p}"] for p in "qkv")
+    if arch == "gpt_neox":
+        q, k = _rope(ad, q, k)
+    z = _causal_attention(q, k, v, s.num_heads)
+    assert_close(cache[f"layers.{layer}.attn.z"].double(), z, atol=1e-5 * float(v.abs().max()) * 8, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_fused_qkv_edits_write_back_into_the_fused_projection(arch, shared_tiny):
+    ad = shared_tiny(arch)
+    H = ad.structure.num_heads
+    zname, vname, qname = "layers.0.attn.z", "layers.0.attn.v", "layers.0.attn.q"
+    with torch.no_grad():
+        with ad.hooks(cache=[zname, vname]) as base:
+            logits = ad.forward(TEXT).logits
+        # z is linear in v for fixed attention weights: doubling v doubles z
+        with ad.hooks(cache=zname, edit={vname: lambda t, ctx: 2 * t}) as dbl:
+            edited = ad.forward(TEXT).logits
+        # q = 0 gives uniform causal attention: z_t = mean of v over positions <= t
+        with ad.hooks(cache=zname, edit={qname: lambda t, ctx: torch.zeros_like(t)}) as uni:
+            ad.forward(TEXT)
+        after = ad.forward(TEXT).logits
+    zb = base.cache[zname]
+    assert_close(dbl.cache[zname], 2 * zb, atol=1e-5 * float(zb.abs().max()), rtol=0)
+    assert (edited - logits).abs().max() > 1e-3
+    v = base.cache[vname].unflatten(-1, (H, -1))
+    T = v.shape[1]
+    mean_v = (v.cumsum(1) / torch.arange(1, T + 1).view(1, T, 1, 1)).flatten(-2)
+    assert_close(uni.cache[zname], mean_v, atol=1e-5 * float(v.abs().max()), rtol=0)
+    assert torch.equal(after, logits)  # hooks gone
+
+
+# -- BERT-style post-LN attention: attn.out is the block's output before the residual add -----------------
+def test_bert_attn_out_is_before_residual_add_and_layernorm(shared_tiny):
+    ad = shared_tiny("bert")
+    i = 1
+    attn = ad.structure.attn[i]
+    rec = {}
+    hd = attn.register_forward_hook(lambda m, a, o: rec.__setitem__("a", (o[0] if isinstance(o, tuple) else o).detach()))
+    names = [f"layers.{i}.resid_pre", f"layers.{i}.attn.out", f"layers.{i}.attn.z"]
+    try:
+        with torch.no_grad(), ad.hooks(cache=names) as h:
+            ad.forward(TEXT)
+        resid, out, z = (h.cache[n] for n in names)
+        with torch.no_grad():
+            # documented relation: attention module output = LayerNorm(resid_pre + attn.out)
+            assert_close(attn.output.LayerNorm(resid + out), rec["a"], atol=1e-5, rtol=1e-5)
+            assert_close(out, attn.output.dense(z), atol=1e-6, rtol=1e-6)
+            assert (out - rec["a"]).abs().max() > 1e-2  # not the normalised output any more
+            # editing attn.out acts before the residual add: zeroing it leaves LayerNorm(resid_pre)
+            with ad.hooks(edit={f"layers.{i}.attn.out": ablate_fn("zero")}):
+                ad.forward(TEXT)
+            assert_close(rec["a"], attn.output.LayerNorm(resid), atol=1e-5, rtol=1e-5)
+    finally:
+        hd.remove()
+
+
+def test_pre_norm_attn_out_is_still_the_attention_module_output(shared_tiny):
+    from tokensmith.models.hooks import attention_geometry
+
+    for arch in ("llama", "gemma3", "gpt2"):  # gemma3's attention holds q/k norms: probed, not post-LN
+        ad = shared_tiny(arch)
+        assert attention_geometry(ad, 0).out_module is ad.structure.attn[0]
+
+
+def test_stop_after_refused_by_token_logprobs_with_a_pointer_to_forward(shared_tiny):
+    ad = shared_tiny("llama")
+    enc = ad.encode("The cat", target=" sat")
+    with torch.no_grad(), ad.hooks(cache="layers.0.resid_post", stop_after="layers.0.resid_post") as h:
+        with pytest.raises(ValueError, match=r"stop_after.*adapter\.forward"):
+            ad.token_logprobs(enc)
+        assert ad.forward(enc) is None
+    assert h.cache["layers.0.resid_post"].shape[0] == 1
+    assert ad.token_logprobs(enc).shape == enc.input_ids[None].shape  # fine once the session is gone

@@ -1,10 +1,9 @@
-"""Layer ops, mid-forward continuation, token skipping, embedding insertion, KV-cache access."""
+"""Layer ops, mid-forward continuation, token skipping, embedding insertion."""
 
 import pytest
 import torch
 
 import tokensmith as ts
-from tokensmith.models import kvcache
 from tokensmith.models.embeddings import insert_embeddings
 
 CAUSAL = ["llama", "gpt2", "qwen2", "gemma3", "gpt_neox"]
@@ -137,34 +136,7 @@ def test_insert_embeddings_left_padded_batch_and_errors():
         insert_embeddings(e, m, ids, torch.ones(1, 2), [5])
 
 
-def test_kv_cache_access_and_eviction(llama):
-    enc = llama.encode("Hello world, this is a test of caches")
-    ids = enc.input_ids[None]
-    T = ids.shape[1]
-    cache, out = kvcache.prefill(llama, enc)
-    k, v = kvcache.layer_kv(cache, 0)
-    assert k.shape == (1, llama.structure.num_kv_heads, T, llama.structure.head_dim)
-    assert kvcache.cache_kind(cache) == "dynamic"
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    full = llama.model(input_ids=torch.cat([ids, nxt], 1)).logits[:, -1]
-    kvcache.evict(cache, torch.arange(T)[None])  # keep everything: identical decode
-    o = llama.model(input_ids=nxt, attention_mask=torch.ones(1, T + 1, dtype=torch.long),
-                    position_ids=torch.tensor([[T]]), cache=cache, use_cache=True)
-    torch.testing.assert_close(o.logits[:, -1], full, atol=1e-5, rtol=1e-5)
-    # per-KV-head eviction keeps the GQA shape
-    cache, _ = kvcache.prefill(llama, enc)
-    keep = torch.stack([torch.tensor([0, 1, 5]), torch.tensor([0, 2, 6])])[None]
-    kvcache.evict(cache, keep)
-    k2, _ = kvcache.layer_kv(cache, 1)
-    assert k2.shape == (1, 2, 3, llama.structure.head_dim)
-    with pytest.raises(ValueError):
-        kvcache.evict(cache, torch.zeros(1, 3, 2, 1, dtype=torch.long))
-
-
-def test_gemma3_cache_is_reported_hybrid():
-    g = ts.tiny("gemma3")
-    cache, _ = kvcache.prefill(g, "hello there")
-    assert kvcache.cache_kind(cache) in ("hybrid", "sliding", "dynamic")
+# KV-cache access and eviction tests live in test_kvcache.py
 
 
 def test_unembed_is_the_logit_lens_identity_for_bert_mlm_head():

@@ -127,8 +127,12 @@ def test_spec_that_passes_discovery_but_fails_validation():
     # attribute (not a registered submodule): registering an alias makes transformers' own output capture
     # record every layer twice, and validation then has no same-length hidden_states to compare against
     object.__setattr__(model.model, "shuffled", nn.ModuleList([layers[1], layers[0]]))
-    with pytest.raises(StructureError, match="does not match hidden_states"):
+    with pytest.raises(StructureError, match=r"run in the order \[1, 0\]"):
         ModelAdapter(model, tok, spec=AdapterSpec(layers="model.shuffled"))
+    # the right call order but a repeated layer: "layer 1" is really layer 0
+    object.__setattr__(model.model, "repeated", nn.ModuleList([layers[0], layers[0]]))
+    with pytest.raises(StructureError, match=r"layer 1 output does not match hidden_states\[2\]"):
+        ModelAdapter(model, tok, spec=AdapterSpec(layers="model.repeated"))
     # a ModuleList that the forward never calls
     model.model.unused = nn.ModuleList([copy.deepcopy(m) for m in layers])
     with pytest.raises(StructureError, match="never ran"):
@@ -147,11 +151,17 @@ def test_discovery_prefers_metadata_over_a_same_length_modulelist():
     assert s.layers is model.model.layers
 
 
-def test_registered_alias_stack_is_not_layer_validated():
-    # documents current behaviour: with a *registered* alias ModuleList, transformers reports more
-    # hidden_states than there are layers, so the per-layer comparison is skipped (reported as None)
+def test_registered_alias_stack_in_the_wrong_order_is_refused():
+    # with a *registered* alias ModuleList transformers reports more hidden_states than there are layers, so
+    # the per-layer comparison cannot align; the call-order check (and the unembed check) still catch it
     model, tok = tiny_model_and_tokenizer("llama", seed=0)
     layers = model.model.layers
     model.model.shuffled = nn.ModuleList([layers[1], layers[0]])
-    ad = ModelAdapter(model, tok, spec=AdapterSpec(layers="model.shuffled"))
-    assert ad.capabilities()["validation"]["layers_match_hidden_states"] is None
+    with pytest.raises(StructureError, match=r"run in the order \[1, 0\].*AdapterSpec\(layers="):
+        ModelAdapter(model, tok, spec=AdapterSpec(layers="model.shuffled"))
+    # the same alias in the right order is accepted; the hidden_states comparison is skipped with a reason
+    model.model.aliased = nn.ModuleList([layers[0], layers[1]])
+    ad = ModelAdapter(model, tok, spec=AdapterSpec(layers="model.aliased"))
+    val = ad.capabilities()["validation"]
+    assert val["layers_match_hidden_states"] is None and "entries" in val["skipped"]["layers_match_hidden_states"]
+    assert val["unembed_matches_logits"] is True

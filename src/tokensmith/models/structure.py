@@ -14,6 +14,8 @@ clear error only when a method actually needs it (and :meth:`ModelAdapter.capabi
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -56,6 +58,8 @@ class AdapterSpec:
     num_heads: int | None = None
     num_kv_heads: int | None = None
     head_dim: int | None = None
+    is_causal: bool | None = None
+    """Force the causality decision (see :func:`decide_causal`); ``None`` = discover it."""
 
 
 @dataclass
@@ -91,6 +95,12 @@ class ModelStructure:
     is_causal: bool = True
     layer_returns_tuple: bool = False
     found_by: dict[str, str] = field(default_factory=dict)
+    head_modules: list[nn.Module] = field(default_factory=list)
+    head_paths: list[str] = field(default_factory=list)
+    logit_scale: float = 1.0
+    logit_softcap: float | None = None
+    layer_output_shape: tuple[int, ...] | None = None
+    layer_output_type: str | None = None
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly summary (module paths and numbers, no modules)."""
@@ -100,6 +110,9 @@ class ModelStructure:
             "embed": self.embed_path,
             "lm_head": self.lm_head_path,
             "final_norm": self.final_norm_path,
+            "head": list(self.head_paths),
+            "logit_scale": self.logit_scale,
+            "logit_softcap": self.logit_softcap,
             "attn": self.attn_name,
             "mlp": self.mlp_name,
             "q_proj": _first_name(self.q_proj, self.layers[0] if self.num_layers else None),
@@ -140,10 +153,19 @@ def _text_config(config: Any) -> Any:
     return config
 
 
+def safe_getattr(obj: Any, name: str, default: Any = None) -> Any:
+    """``getattr`` that treats any error as "absent": some configs raise on attributes that vary per layer
+    (Gemma-4's ``head_dim`` raises ``AmbiguousGlobalPerLayerAttributeError``, not an AttributeError)."""
+    try:
+        return getattr(obj, name, default)
+    except Exception:  # noqa: BLE001 - a property that refuses a global value
+        return default
+
+
 def _cfg(config: Any, *names: str) -> Any:
     for cfg in (config, _text_config(config)):
         for n in names:
-            v = getattr(cfg, n, None)
+            v = safe_getattr(cfg, n)
             if v is not None:
                 return v
     return None
@@ -268,6 +290,193 @@ def _find_final_norm(model: nn.Module, layers_path: str, override: str | None) -
     return found
 
 
+_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
+# config fields that hold a scalar multiplying (or dividing) the logits; the fitted scale is matched against them
+_LOGIT_SCALE_FIELDS = (
+    "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier", "logit_multiplier",
+    "output_logits_scale", "final_logit_scale",
+)
+_SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap")
+
+
+@dataclass
+class HeadTrace:
+    """What one traced forward says about the path from the last layer's output to the logits.
+
+    Attributes:
+        chain: ``(path, module)`` pairs run in order on the last layer's output to produce the logits: the
+            outermost modules that start after the last decoder layer finished and end with the call of
+            the output embeddings (``[final_norm, lm_head]`` for a causal LM, the whole prediction head of a
+            masked LM, ``[lm_head]`` for a post-LN decoder).
+        layer_output: the last decoder layer's first output (``None`` when it returned no tensor).
+        layer_output_type: type name of that layer's output (``Tensor``, ``tuple``, ``list``, ...).
+        head_output: the output of the last module of ``chain``.
+        logits: the model's returned logits.
+    """
+
+    chain: list[tuple[str, nn.Module]]
+    layer_output: torch.Tensor | None
+    layer_output_type: str
+    head_output: torch.Tensor | None
+    logits: torch.Tensor | None
+
+
+def _first_tensor(x: Any) -> torch.Tensor | None:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)):
+        for v in x:
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+        return None
+    for attr in ("last_hidden_state", "hidden_states", "logits"):
+        v = getattr(x, attr, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    return None
+
+
+def is_norm_module(mod: nn.Module) -> bool:
+    """A normalisation layer: ``nn.LayerNorm``/``nn.GroupNorm``/``nn.RMSNorm`` or a class named ``*Norm*``."""
+    return isinstance(mod, (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) or "norm" in type(
+        mod
+    ).__name__.lower()
+
+
+def trace_head(model: nn.Module, layers: nn.ModuleList, lm_head: nn.Module | None, n_tokens: int = 6) -> HeadTrace:
+    """Run one forward with a pre/post hook on every module and read the path from the last layer to the logits.
+
+    Execution order, not registration order, decides: the final norm of OPT is registered before the
+    layers, BART's ``layernorm_embedding`` after them but runs before, Gemma-4's per-layer projection norm
+    runs on the embeddings. The chain is the list of outermost module calls that start after the last
+    decoder layer returned and finish no later than the outermost call that contains the output-embedding
+    call, keeping only calls whose first input and output are ``[B, T, ...]`` (a pooler's ``[B, d]`` is not
+    on the token path).
+
+    Raises:
+        RuntimeError: when the forward fails or the layer stack / output embeddings never run.
+    """
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+    vocab = int(weight.shape[0]) if isinstance(weight, torch.Tensor) else 100
+    ids = torch.linspace(1, max(vocab - 2, 2), n_tokens).long().clamp_max(vocab - 1).unsqueeze(0).to(device)
+    B, T = ids.shape
+    layer_ids = {id(m) for m in layers}
+    events: list[list[Any]] = []  # [path, module, start, end, in_shape, out_shape, output]
+    open_calls: dict[int, list[list[Any]]] = {}
+    clock = [0]
+    handles = []
+
+    def pre(path: str):
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            clock[0] += 1
+            x = _first_tensor(args) if args else None
+            if x is None:
+                x = _first_tensor(kwargs.get("hidden_states", kwargs.get("input", list(kwargs.values()))))
+            ev = [path, mod, clock[0], None, tuple(x.shape) if x is not None else None, None, None]
+            events.append(ev)
+            open_calls.setdefault(id(mod), []).append(ev)
+
+        return hook
+
+    def post(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        clock[0] += 1
+        stack = open_calls.get(id(mod))
+        if not stack:
+            return
+        ev = stack.pop()
+        ev[3] = clock[0]
+        t = _first_tensor(output)
+        ev[5] = tuple(t.shape) if t is not None else None
+        ev[6] = output
+
+    try:
+        for path, mod in model.named_modules():
+            if mod is model:
+                continue
+            handles.append(mod.register_forward_pre_hook(pre(path), with_kwargs=True))
+            handles.append(mod.register_forward_hook(post, with_kwargs=True))
+        params = set(inspect.signature(model.forward).parameters)
+        kw: dict[str, Any] = {"input_ids": ids}
+        if "use_cache" in params:
+            kw["use_cache"] = False
+        if "decoder_input_ids" in params:
+            kw["decoder_input_ids"] = ids
+        with torch.no_grad():
+            out = model(**kw)
+    finally:
+        for h in handles:
+            h.remove()
+    layer_calls = [e for e in events if id(e[1]) in layer_ids and e[3] is not None]
+    if not layer_calls:
+        raise RuntimeError("the layer stack never ran")
+    last_layer = max(layer_calls, key=lambda e: e[3])
+    anchor = last_layer[3]
+    logits = getattr(out, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        logits = _first_tensor(out) if lm_head is not None else None
+    head_calls = [e for e in events if lm_head is not None and e[1] is lm_head and e[2] > anchor and e[3] is not None]
+    chain: list[tuple[str, nn.Module]] = []
+    head_output = None
+    if head_calls:
+        hc = head_calls[-1]
+        outer = min((e for e in events if e[2] > anchor and e[3] is not None and e[2] <= hc[2] and e[3] >= hc[3]),
+                    key=lambda e: e[2])
+        end = outer[3]
+        cands = [e for e in events if e[3] is not None and e[2] > anchor and e[3] <= end]
+        top = [e for e in cands if not any(o is not e and o[2] < e[2] and o[3] > e[3] for o in cands)]
+        for e in sorted(top, key=lambda e: e[2]):
+            if e[4] is None or e[5] is None or e[4][:2] != (B, T) or e[5][:2] != (B, T):
+                continue
+            chain.append((e[0], e[1]))
+            head_output = _first_tensor(e[6])
+    return HeadTrace(
+        chain=chain,
+        layer_output=_first_tensor(last_layer[6]),
+        layer_output_type=type(last_layer[6]).__name__,
+        head_output=head_output,
+        logits=logits,
+    )
+
+
+def fit_logit_transform(head_output: torch.Tensor, logits: torch.Tensor, config: Any) -> tuple[float, float | None, str]:
+    """Scalars applied to the head output ``z`` to give the model's logits: ``logits = c·tanh(s·z / c)``.
+
+    ``c`` is the config's final soft-capping (``final_logit_softcapping``, ``logits_soft_cap``) or none. ``s``
+    is 1 or a config field (``logit_scale``, ``1/logits_scaling``, ``output_multiplier``, ...) when that
+    reproduces the logits to 1e-4 relative; otherwise it is fitted by least squares on
+    ``atanh(logits / c)·c ≈ s·z`` over the entries the cap does not saturate. Returns ``(s, c, how)``;
+    load-time validation checks the result.
+    """
+    z = head_output.detach().double().reshape(-1)
+    y = logits.detach().double().reshape(-1)
+    cap = _cfg(config, *_SOFTCAP_FIELDS) if config is not None else None
+    cap = float(cap) if cap else None
+
+    def apply(sc: float) -> torch.Tensor:
+        x = z * sc
+        return torch.tanh(x / cap) * cap if cap is not None else x
+
+    ymax = float(y.abs().max()) or 1.0
+    candidates: list[tuple[float, str]] = [(1.0, "none")]
+    for name in _LOGIT_SCALE_FIELDS:
+        v = _cfg(config, name) if config is not None else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v:
+            candidates += [(float(v), f"config.{name}"), (1.0 / float(v), f"1 / config.{name}")]
+    for sc, how in candidates:
+        if float((apply(sc) - y).abs().max()) <= 1e-4 * ymax:
+            return sc, cap, how
+    keep = torch.ones_like(y, dtype=torch.bool)
+    if cap is not None:
+        keep = (y / cap).abs() < 0.9  # atanh is ill-conditioned where the cap saturates
+        y = torch.atanh((y / cap).clamp(-1 + 1e-12, 1 - 1e-12)) * cap
+    zz = float(z[keep] @ z[keep])
+    sc = float(z[keep] @ y[keep]) / zz if zz > 0 else 1.0
+    return sc, cap, "fitted (no config field matches)"
+
+
 def _module_path(model: nn.Module, target: nn.Module | None) -> str | None:
     if target is None:
         return None
@@ -334,15 +543,56 @@ def discover(model: nn.Module, spec: AdapterSpec | None = None) -> ModelStructur
     embed_path = _module_path(model, embed) or (spec.embed or "?")
 
     if spec.lm_head:
-        lm_head = get_path(model, spec.lm_head)
+        try:
+            lm_head = get_path(model, spec.lm_head)
+        except (AttributeError, IndexError) as e:
+            raise StructureError(f"AdapterSpec.lm_head={spec.lm_head!r} does not exist on the model: {e}") from e
+        if not isinstance(lm_head, nn.Module):
+            raise StructureError(f"AdapterSpec.lm_head={spec.lm_head!r} is a {type(lm_head).__name__}, not a module")
         found_by["lm_head"] = "AdapterSpec"
     else:
         lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         found_by["lm_head"] = "get_output_embeddings()"
     lm_head_path = _module_path(model, lm_head)
 
-    final_norm, final_norm_path = _find_final_norm(model, layers_path, spec.final_norm)
-    found_by["final_norm"] = "AdapterSpec" if spec.final_norm else "last norm after the layer stack"
+    # the path from the last layer's output to the logits, read from one traced forward (execution order)
+    trace: HeadTrace | None = None
+    try:
+        trace = trace_head(model, layers, lm_head)
+    except Exception as e:  # noqa: BLE001 - any model error: fall back to registration order, validation checks
+        found_by["head_trace"] = f"failed ({type(e).__name__}: {str(e)[:120]})"
+    chain = trace.chain if trace is not None else []
+    chain_norm = chain[0] if len(chain) >= 2 and is_norm_module(chain[0][1]) else None
+    if spec.final_norm:
+        try:
+            final_norm, final_norm_path = get_path(model, spec.final_norm), spec.final_norm
+        except (AttributeError, IndexError) as e:
+            raise StructureError(f"AdapterSpec.final_norm={spec.final_norm!r} does not exist on the model: {e}") from e
+        found_by["final_norm"] = "AdapterSpec"
+    elif trace is not None and chain:
+        final_norm, final_norm_path = (chain_norm[1], chain_norm[0]) if chain_norm else (None, None)
+        found_by["final_norm"] = "traced forward: the norm run on the last layer's output before the head"
+    else:
+        final_norm, final_norm_path = _find_final_norm(model, layers_path, None)
+        found_by["final_norm"] = "last norm registered after the layer stack"
+    head_chain = chain[1:] if chain_norm else list(chain)
+    if lm_head is not None and not any(m is lm_head or any(x is lm_head for x in m.modules()) for _, m in head_chain):
+        head_chain = [(lm_head_path or spec.lm_head or "lm_head", lm_head)]
+        found_by["head"] = "the output embeddings alone"
+    elif head_chain:
+        found_by["head"] = "traced forward: modules between the final norm and the logits"
+    logit_scale, logit_softcap = 1.0, None
+    if (
+        trace is not None
+        and head_chain
+        and chain
+        and head_chain[-1][1] is chain[-1][1]
+        and trace.head_output is not None
+        and trace.logits is not None
+        and trace.head_output.shape == trace.logits.shape
+    ):
+        logit_scale, logit_softcap, how = fit_logit_transform(trace.head_output, trace.logits, config)
+        found_by["logit_scale"] = how
 
     attn, mlp, q, k, v, o, mo = [], [], [], [], [], [], []
     attn_name = mlp_name = None
@@ -362,7 +612,11 @@ def discover(model: nn.Module, spec: AdapterSpec | None = None) -> ModelStructur
         else:
             mo.append(_child_by_names(m, _MLP_OUT_NAMES, None)[0] if m is not None else None)
 
-    hidden = int(embed.weight.shape[1])
+    out_shape = tuple(trace.layer_output.shape) if trace is not None and trace.layer_output is not None else None
+    if out_shape is not None and len(out_shape) == 3:
+        hidden = int(out_shape[-1])  # the residual width (factorised embeddings are narrower, e.g. RemBERT)
+    else:
+        hidden = int(_cfg(config, "hidden_size", "d_model", "n_embd") or embed.weight.shape[1])
     num_heads = spec.num_heads or _cfg(config, "num_attention_heads", "n_head", "num_heads")
     num_kv = spec.num_kv_heads or _cfg(config, "num_key_value_heads", "num_kv_heads", "multi_query_group_num")
     if num_kv is None and num_heads is not None:
@@ -375,9 +629,7 @@ def discover(model: nn.Module, spec: AdapterSpec | None = None) -> ModelStructur
     if lm_head is not None and getattr(lm_head, "weight", None) is not None:
         tied = lm_head.weight is embed.weight or lm_head.weight.data_ptr() == embed.weight.data_ptr()
 
-    is_causal = True
-    if config is not None and (getattr(config, "is_decoder", None) is False) and not _is_causal_lm(model):
-        is_causal = False
+    is_causal, found_by["is_causal"] = decide_causal(model, layers, spec.is_causal)
 
     return ModelStructure(
         layers=layers,
@@ -407,13 +659,77 @@ def discover(model: nn.Module, spec: AdapterSpec | None = None) -> ModelStructur
         is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
         is_causal=is_causal,
         found_by=found_by,
+        head_modules=[m for _, m in head_chain],
+        head_paths=[n for n, _ in head_chain],
+        logit_scale=logit_scale,
+        logit_softcap=logit_softcap,
+        layer_output_shape=out_shape,
+        layer_output_type=trace.layer_output_type if trace is not None else None,
     )
 
 
-def _is_causal_lm(model: nn.Module) -> bool:
-    archs = getattr(getattr(model, "config", None), "architectures", None) or []
-    name = type(model).__name__
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in [*archs, name])
+def _layer_causal_flag(layer: nn.Module) -> bool | None:
+    """The ``is_causal`` attribute of the layer's self-attention: the first module (in registration order,
+    so self-attention before cross-attention) that carries a boolean ``is_causal``; None when none does."""
+    for mod in layer.modules():
+        flag = getattr(mod, "is_causal", None)
+        if isinstance(flag, bool):
+            return flag
+    return None
+
+
+def _auto_class_names(mapping_name: str) -> set[str]:
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:  # pragma: no cover - transformers always ships it
+        return set()
+    names: set[str] = set()
+    for v in getattr(modeling_auto, mapping_name, {}).values():
+        names.update([v] if isinstance(v, str) else list(v))
+    return names
+
+
+def decide_causal(model: nn.Module, layers: Sequence[nn.Module] | None = None, override: bool | None = None) -> tuple[bool, str]:
+    """Whether ``model`` predicts token t from tokens < t only (a causal LM), and why.
+
+    The adapter scores ``log p(x_t | x_<t)`` only for causal models, so a wrong "yes" silently scores a
+    bidirectional encoder as if it were a language model. The decision never defaults to causal; the
+    first rule that applies wins:
+
+    1. ``AdapterSpec(is_causal=...)`` (user override);
+    2. encoder-decoder configs (``config.is_encoder_decoder``): ``False`` — the adapter's causal primitives
+       operate on decoder-only stacks;
+    3. the self-attention modules of the layer stack: transformers marks each with a boolean
+       ``is_causal`` (``True`` in decoders, ``False`` in BERT-style encoders, and set from
+       ``config.is_decoder`` in the BERT family); causal iff every layer that has one says ``True``;
+    4. an explicit boolean config flag ``is_decoder`` or ``causal`` (XLM) when the attention modules carry
+       no flag;
+    5. the model class is registered as a causal LM (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``) and not as a
+       masked LM (state-space and recurrent LMs: Mamba, RWKV, ...);
+    6. otherwise ``False`` (unknown encoders such as DeBERTa or MPNet are not scored causally).
+
+    Returns:
+        ``(is_causal, reason)``; the reason is recorded in ``structure.found_by["is_causal"]``.
+    """
+    if override is not None:
+        return bool(override), "AdapterSpec(is_causal=...)"
+    config = getattr(model, "config", None)
+    if bool(getattr(config, "is_encoder_decoder", False)):
+        return False, "encoder-decoder config"
+    flags = [f for f in (_layer_causal_flag(layer) for layer in (layers or [])) if f is not None]
+    if flags:
+        val = all(flags)
+        return val, f"attention modules' is_causal={val}" if len(set(flags)) == 1 else "attention modules disagree"
+    for name in ("is_decoder", "causal"):
+        flag = getattr(config, name, None) if config is not None else None
+        if isinstance(flag, bool):
+            return flag, f"config.{name}={flag}"
+    cls = type(model).__name__
+    if cls in _auto_class_names("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES") and cls not in _auto_class_names(
+        "MODEL_FOR_MASKED_LM_MAPPING_NAMES"
+    ):
+        return True, f"{cls} is registered as a causal LM"
+    return False, "no evidence of causal attention (not registered as a causal LM, no is_causal flags)"
 
 
 def measure_embed_scale(embed: nn.Module) -> float:
