@@ -165,3 +165,16 @@ def test_registered_alias_stack_in_the_wrong_order_is_refused():
     val = ad.capabilities()["validation"]
     assert val["layers_match_hidden_states"] is None and "entries" in val["skipped"]["layers_match_hidden_states"]
     assert val["unembed_matches_logits"] is True
+
+
+def test_t5_logit_lens_includes_the_scale_between_norm_and_head(shared_tiny):
+    """T5 multiplies the decoder output by d_model**-0.5 before the tied LM head, as a functional op between
+    modules; unembed must reproduce the logits from the last decoder layer (it was 8x off at width 64)."""
+    ad = shared_tiny("t5")
+    ids = ad.tokenizer("translate: hello there", return_tensors="pt").input_ids
+    dec = ad.tokenizer("hallo", return_tensors="pt").input_ids
+    with torch.no_grad(), ad.hooks(cache=f"layers.{ad.structure.num_layers - 1}.resid_post") as h:
+        out = ad.forward(ids, decoder_input_ids=dec)
+    z = ad.unembed(h.cache[f"layers.{ad.structure.num_layers - 1}.resid_post"])
+    assert abs(ad.structure.logit_scale - ad.config.d_model**-0.5) < 1e-6
+    torch.testing.assert_close(z, out.logits, atol=1e-4 * out.logits.abs().max().item(), rtol=0)

@@ -112,7 +112,8 @@ class ModelAdapter:
         if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None) is not None:
             tokenizer.pad_token = tokenizer.eos_token
         self.positions: PositionScheme = probe_position_scheme(
-            model, self._fwd_params, self._probe_ids(6).to(self.device), self.pad_token_id
+            model, self._fwd_params, self._probe_ids(6).to(self.device), self.pad_token_id,
+            width=self.structure.hidden_size, depth=self.structure.num_layers,
         )
         self.position_limit: PositionLimit = discover_position_limit(model, self.structure.embed)
         self._max_positions: int | None = self.position_limit.default

@@ -116,6 +116,9 @@ def probe_position_scheme(
     forward_params: Collection[str],
     ids: torch.Tensor,
     pad_token_id: int,
+    *,
+    width: int | None = None,
+    depth: int | None = None,
 ) -> PositionScheme:
     """Decide how positions are passed to ``model`` by measuring it (see the module docstring).
 
@@ -123,7 +126,9 @@ def probe_position_scheme(
     ``pad_token_id`` columns under each candidate scheme, in order: logical positions; logical positions
     plus an offset ``padding_idx + 1`` for each absolute position table with a ``padding_idx``; no
     ``position_ids`` (the model derives its own). The first scheme whose real-token outputs match the row
-    alone, ``max|Δ| ≤ 64·ε·√d·L · max(1, max|y|)``, wins. Encoder-decoder models get a fixed 2-token
+    alone, ``max|Δ| ≤ 8·ε·√d·L · max|y|``, wins (d = ``width``, the residual width; L = ``depth``, the number
+    of layers: the fp32 rounding of a padded vs an unpadded batch; a shifted position moves the outputs far
+    more, ~1e-3 relative even in a tiny random model with small position embeddings). Encoder-decoder models get a fixed 2-token
     decoder input in every run. A forward that raises counts as a mismatch.
     """
     params = set(forward_params)
@@ -152,9 +157,10 @@ def probe_position_scheme(
             if ref is None:
                 return PositionScheme(True, "position_ids" in params, 0, "not probed (the model returns no tensor)")
             ref = ref.float()
-            width = int(ref.shape[-1])
-            depth = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0) or 12)
-            tol = 64 * torch.finfo(torch.float32).eps * math.sqrt(width) * max(depth, 1) * max(1.0, ref.abs().max().item())
+            width = width or int(getattr(cfg, "hidden_size", 0) or ref.shape[-1])
+            depth = depth or int(getattr(cfg, "num_hidden_layers", 0) or 12)
+            scale = max(ref.abs().max().item(), 1e-30)
+            tol = 8 * torch.finfo(torch.float32).eps * math.sqrt(width) * max(depth, 1) * scale
 
             candidates: list[tuple[bool, int, str]] = []
             if "position_ids" in params:
@@ -181,7 +187,7 @@ def probe_position_scheme(
                     continue
                 err = (got - ref).abs().max().item()
                 if err <= tol:
-                    return PositionScheme(True, pass_pid, off, why, err / max(1.0, ref.abs().max().item()))
+                    return PositionScheme(True, pass_pid, off, why, err / scale)
                 errs.append(f"{why}: max |Δ| {err:.2g}")
     finally:
         model.train(was)

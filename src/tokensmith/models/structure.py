@@ -441,6 +441,21 @@ def trace_head(model: nn.Module, layers: nn.ModuleList, lm_head: nn.Module | Non
     )
 
 
+def _replay_head(h: torch.Tensor | None, modules: list[nn.Module]) -> torch.Tensor | None:
+    """Apply ``modules`` in order to ``h`` (no grad); None when any step fails or returns no tensor."""
+    if h is None:
+        return None
+    try:
+        with torch.no_grad():
+            for m in modules:
+                h = _first_tensor(m(h))
+                if h is None:
+                    return None
+    except Exception:  # noqa: BLE001 - a module that needs more than one input: no replay
+        return None
+    return h
+
+
 def fit_logit_transform(head_output: torch.Tensor, logits: torch.Tensor, config: Any) -> tuple[float, float | None, str]:
     """Scalars applied to the head output ``z`` to give the model's logits: ``logits = c·tanh(s·z / c)``.
 
@@ -591,7 +606,13 @@ def discover(model: nn.Module, spec: AdapterSpec | None = None) -> ModelStructur
         and trace.logits is not None
         and trace.head_output.shape == trace.logits.shape
     ):
-        logit_scale, logit_softcap, how = fit_logit_transform(trace.head_output, trace.logits, config)
+        # fit against what unembed will compute (norm + head chain on the last layer's output), so a scale
+        # applied between modules (T5's d_model**-0.5, MiniCPM's 1/(d/d_base) before lm_head) is found too
+        z = _replay_head(trace.layer_output, [m for m in (chain_norm[1] if chain_norm else None,) if m is not None]
+                         + [m for _, m in head_chain])
+        if z is None or z.shape != trace.logits.shape or model.training:
+            z = trace.head_output
+        logit_scale, logit_softcap, how = fit_logit_transform(z, trace.logits, config)
         found_by["logit_scale"] = how
 
     attn, mlp, q, k, v, o, mo = [], [], [], [], [], [], []
@@ -629,7 +650,10 @@ def discover(model: nn.Module, spec: AdapterSpec | None = None) -> ModelStructur
     if lm_head is not None and getattr(lm_head, "weight", None) is not None:
         tied = lm_head.weight is embed.weight or lm_head.weight.data_ptr() == embed.weight.data_ptr()
 
-    is_causal, found_by["is_causal"] = decide_causal(model, layers, spec.is_causal)
+    measured = None
+    if spec.is_causal is None and not bool(getattr(config, "is_encoder_decoder", False)):
+        measured = measure_causal(model, layers)
+    is_causal, found_by["is_causal"] = decide_causal(model, layers, spec.is_causal, measured)
 
     return ModelStructure(
         layers=layers,
@@ -689,7 +713,41 @@ def _auto_class_names(mapping_name: str) -> set[str]:
     return names
 
 
-def decide_causal(model: nn.Module, layers: Sequence[nn.Module] | None = None, override: bool | None = None) -> tuple[bool, str]:
+def measure_causal(model: nn.Module, layers: Sequence[nn.Module], n_tokens: int = 6) -> bool | None:
+    """Whether the last layer's outputs at positions ``< T-1`` stay the same when the last token changes
+    (max relative change ≤ 1e-6): True (causal), False (bidirectional), None (the forward failed)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if model.training or not isinstance(weight, torch.Tensor) or not len(layers):
+        return None  # dropout would make every model look bidirectional
+    vocab = int(weight.shape[0])
+    ids = torch.linspace(1, max(vocab - 2, 2), n_tokens).long().clamp_max(vocab - 1).unsqueeze(0).to(weight.device)
+    alt = ids.clone()
+    alt[0, -1] = ids[0, 1]
+    outs: list[torch.Tensor] = []
+    handle = layers[-1].register_forward_hook(lambda m, a, o: outs.append(_first_tensor(o)))
+    params = set(inspect.signature(model.forward).parameters)
+    kw: dict[str, Any] = {"use_cache": False} if "use_cache" in params else {}
+    try:
+        with torch.no_grad():
+            for x in (ids, alt):
+                model(input_ids=x, **kw)
+    except Exception:  # noqa: BLE001 - cannot measure
+        return None
+    finally:
+        handle.remove()
+    if len(outs) != 2 or any(o is None or o.dim() != 3 or o.shape[:2] != ids.shape for o in outs):
+        return None
+    a, b = outs[0][:, :-1].double(), outs[1][:, :-1].double()
+    return bool((a - b).abs().max() <= 1e-6 * a.abs().max().clamp_min(1e-30))
+
+
+def decide_causal(
+    model: nn.Module,
+    layers: Sequence[nn.Module] | None = None,
+    override: bool | None = None,
+    measured: bool | None = None,
+) -> tuple[bool, str]:
     """Whether ``model`` predicts token t from tokens < t only (a causal LM), and why.
 
     The adapter scores ``log p(x_t | x_<t)`` only for causal models, so a wrong "yes" silently scores a
@@ -708,6 +766,12 @@ def decide_causal(model: nn.Module, layers: Sequence[nn.Module] | None = None, o
        masked LM (state-space and recurrent LMs: Mamba, RWKV, ...);
     6. otherwise ``False`` (unknown encoders such as DeBERTa or MPNet are not scored causally).
 
+    The measured behaviour (``measured``, from :func:`measure_causal`) then corrects rules 3-6 in the safe
+    direction and for registered causal LMs: a model that rules 3-6 call causal but whose earlier outputs
+    change with a later token is bidirectional (ALBERT-style configs); a class registered as a causal LM
+    that the rules call bidirectional but that measures causal is causal (BigBird-Pegasus's decoder marks
+    its self-attention ``is_causal=False`` and applies a causal mask itself).
+
     Returns:
         ``(is_causal, reason)``; the reason is recorded in ``structure.found_by["is_causal"]``.
     """
@@ -716,6 +780,23 @@ def decide_causal(model: nn.Module, layers: Sequence[nn.Module] | None = None, o
     config = getattr(model, "config", None)
     if bool(getattr(config, "is_encoder_decoder", False)):
         return False, "encoder-decoder config"
+    val, why = _causal_by_rules(model, layers)
+    cls = type(model).__name__
+    if measured is False and val:
+        return False, f"{why}, but a later token changes earlier outputs (measured): bidirectional"
+    if measured is True and not val and _registered_causal_lm(cls):
+        return True, f"{why}, but {cls} is a registered causal LM and measures causal"
+    return val, why
+
+
+def _registered_causal_lm(cls: str) -> bool:
+    return cls in _auto_class_names("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES") and cls not in _auto_class_names(
+        "MODEL_FOR_MASKED_LM_MAPPING_NAMES"
+    )
+
+
+def _causal_by_rules(model: nn.Module, layers: Sequence[nn.Module] | None) -> tuple[bool, str]:
+    config = getattr(model, "config", None)
     flags = [f for f in (_layer_causal_flag(layer) for layer in (layers or [])) if f is not None]
     if flags:
         val = all(flags)
@@ -725,9 +806,7 @@ def decide_causal(model: nn.Module, layers: Sequence[nn.Module] | None = None, o
         if isinstance(flag, bool):
             return flag, f"config.{name}={flag}"
     cls = type(model).__name__
-    if cls in _auto_class_names("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES") and cls not in _auto_class_names(
-        "MODEL_FOR_MASKED_LM_MAPPING_NAMES"
-    ):
+    if _registered_causal_lm(cls):
         return True, f"{cls} is registered as a causal LM"
     return False, "no evidence of causal attention (not registered as a causal LM, no is_causal flags)"
 
@@ -739,7 +818,15 @@ def measure_embed_scale(embed: nn.Module) -> float:
     idx = int(torch.argmax(norms).item())
     ids = torch.tensor([[idx]], device=w.device)
     with torch.no_grad():
-        out = embed(ids)[0, 0].float()
+        out = embed(ids)
+    if not isinstance(out, torch.Tensor):
+        raise StructureError(
+            f"the input embedding module ({type(embed).__name__}) returns a {type(out).__name__}, not a tensor "
+            "(e.g. a quantized embedding that also returns its scale): the embedding path (embed, inputs_embeds, "
+            "one-hot gradients) cannot use it. Not supported; pass AdapterSpec(embed='path.to.nn.Embedding') if "
+            "the model has a plain embedding table"
+        )
+    out = out[0, 0].float()
     row = w[idx].detach().float()
     return float((out @ row) / (row @ row).clamp_min(1e-30))
 
