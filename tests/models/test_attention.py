@@ -355,3 +355,15 @@ def test_hybrid_attention_capture_per_attention_layer(kind):
         ad.capture_attention([0])
     with pytest.raises(ValueError, match=r"layers with attention: \[1\]"):
         ad.capture_attention([-2, 1])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_fused_qkv_probe_forward_is_not_recorded_by_an_open_attention_probe(arch):
+    """The one-token forward that identifies a fused QKV layout runs when a q/k/v hook is first requested;
+    inside an open capture_attention block it must not add a record (it did: 'recorded 2 times')."""
+    ad = ts.tiny(arch)  # fresh: the layout is probed once per model
+    ids = ad.encode("a b c d").input_ids[None]
+    with torch.no_grad(), ad.capture_attention(layers=[0]) as att, ad.hooks(cache="layers.0.attn.v") as h:
+        ad.forward(ids)
+    assert len(att.steps(0)) == 1 and att[0].shape[-1] == ids.shape[1]
+    assert h.cache["layers.0.attn.v"].shape[1] == ids.shape[1]

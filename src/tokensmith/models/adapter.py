@@ -189,7 +189,9 @@ class ModelAdapter:
             )
         self._max_positions = value
 
-    def _check_length(self, n: int, what: str = "the input") -> None:
+    def check_length(self, n: int, what: str = "the input") -> None:
+        """Raise a ValueError when ``n`` positions exceed :attr:`max_positions` (``what`` names them in the
+        message). The adapter calls it on every forward; methods that build sequences call it up front."""
         limit = self._max_positions
         if limit is not None and n > limit:
             fix = (
@@ -652,7 +654,7 @@ class ModelAdapter:
             d = dict(batch)
         ids = d.get("input_ids")
         if isinstance(ids, torch.Tensor) and ids.dim() >= 1:
-            self._check_length(int(ids.shape[-1]))
+            self.check_length(int(ids.shape[-1]))
         pid = self._position_ids(d.get("attention_mask"), d.pop("position_ids", None))
         if pid is not None:
             d["position_ids"] = pid
@@ -707,7 +709,7 @@ class ModelAdapter:
             if not torch.isfinite(inputs_embeds).all():
                 raise ValueError("inputs_embeds contains NaN or inf")
             B, T = inputs_embeds.shape[:2]
-            self._check_length(T)
+            self.check_length(T)
             am = attention_mask if attention_mask is not None else torch.ones(B, T, dtype=torch.long)
             d: dict[str, Any] = {"inputs_embeds": inputs_embeds, "attention_mask": am.to(inputs_embeds.device)}
             pid = self._position_ids(am, position_ids)
@@ -1090,7 +1092,7 @@ class ModelAdapter:
         if not isinstance(batch, EncodedBatch):
             raise TypeError("generate takes text or encoded inputs")
         d = {"input_ids": batch.input_ids.to(self.device), "attention_mask": batch.attention_mask.to(self.device)}
-        self._check_length(int(batch.input_ids.shape[1]) + int(max_new_tokens), "the prompt plus max_new_tokens")
+        self.check_length(int(batch.input_ids.shape[1]) + int(max_new_tokens), "the prompt plus max_new_tokens")
         if not self.positions.left_padding and has_left_padding(batch.attention_mask):
             raise padding_error(self.name, self.positions)
         eos = getattr(self.tokenizer, "eos_token_id", None)

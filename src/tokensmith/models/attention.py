@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokensmith.models.hooks import internal_forward_running
+
 if TYPE_CHECKING:  # pragma: no cover
     from tokensmith.models.adapter import ModelAdapter
 
@@ -233,6 +235,8 @@ class AttentionProbe:
         self._config_key: int | None = None
 
     def _record(self, layer: int, probs: torch.Tensor, rows_selected: bool = False) -> None:
+        if internal_forward_running():
+            return
         if self.rows is not None and not rows_selected:
             probs = probs[:, :, _row_index(self.rows, probs.shape[2]).to(probs.device)]
         self.records[layer].append(probs.detach())

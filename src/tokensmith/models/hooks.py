@@ -218,6 +218,12 @@ _GEOMETRY: weakref.WeakKeyDictionary[nn.Module, _AttnGeometry] = weakref.WeakKey
 _SUSPENDED = [0]  # > 0 while the geometry probe runs: active sessions ignore that forward
 
 
+def internal_forward_running() -> bool:
+    """True while the adapter runs an internal probe forward (the fused-QKV layout probe): active hook
+    sessions and attention probes ignore that forward, so it never shows up in user records."""
+    return _SUSPENDED[0] > 0
+
+
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape != b.shape:
         return False

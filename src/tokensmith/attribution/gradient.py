@@ -1,0 +1,277 @@
+"""Gradient attributions: saliency, input × gradient, integrated gradients, SmoothGrad, layer IG.
+
+All of them differentiate the row scores ``f_t`` (per-token log-probs from ``adapter.token_logprobs``
+run from ``inputs_embeds``, or a contrast / callable) with respect to the source embeddings
+``e_i = E[x_i]·scale``. A continuation of ``R`` tokens costs **one forward per evaluation point and R
+backward passes** over that graph (``retain_graph``), never one full attribution per target token.
+Non-source positions (chat template, special tokens) are held at their real embeddings everywhere,
+including along the IG path.
+
+Formulas (``g_t(e) = ∂f_t/∂e``, ``e′`` the baseline, ``⟨·,·⟩`` over the hidden dimension):
+
+- saliency (ATT-1): ``s_ti = ‖g_t(e)_i‖₂``;
+- input × gradient (ATT-1): ``s_ti = ⟨e_i, g_t(e)_i⟩``;
+- integrated gradients (ATT-2; Sundararajan et al., 2017):
+  ``a_ti = ⟨e_i − e′_i, ∫₀¹ g_t(e′ + α(e − e′))_i dα⟩`` by quadrature (Gauss-Legendre by default), with
+  the completeness error ``δ_t = Σ_i a_ti − (f_t(e) − f_t(e′))`` reported per row;
+- SmoothGrad (Smilkov et al., 2017): ``ĝ_t = (1/n) Σ_k g_t(e + ε_k)``, ``ε_k ~ N(0, σ²)`` on the sources,
+  ``σ = noise_level · (max e − min e)``; reported as ``⟨e_i, ĝ_ti⟩`` (or ``‖ĝ_ti‖`` with
+  ``multiply_by_inputs=False``);
+- layer integrated gradients: IG on the activation ``h`` at a canonical hook name (``layers.{i}.resid_post``,
+  ``layers.{i}.attn.out``, ...) with baseline ``h′ = 0``: ``a_ti = ⟨h_i − h′_i, ∫ ∂f_t/∂h(h′ + α(h − h′))_i dα⟩``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokensmith.attribution.base import AttributionMethod, MethodOutput, register_method
+from tokensmith.attribution.quadrature import quadrature
+from tokensmith.attribution.targets import AttributionProblem
+from tokensmith.models.hooks import rows_of
+
+__all__ = [
+    "Saliency",
+    "InputXGradient",
+    "IntegratedGradients",
+    "SmoothGrad",
+    "LayerIntegratedGradients",
+    "baseline_embeddings",
+    "path_gradients",
+]
+
+
+def baseline_embeddings(problem: AttributionProblem, baseline: Any) -> torch.Tensor:
+    """The baseline ``e′`` ``[L, d]`` at the sources (non-sources keep their real embedding).
+
+    ``baseline``: ``"zero"``; ``"pad"`` (the pad token's embedding); ``"mask"`` (the tokenizer's mask or
+    unk token); ``"mean"`` (the mean embedding row, scaled); an int token id; a ``[d]`` or ``[L, d]`` tensor.
+    """
+    ad = problem.adapter
+    e = ad.embed(problem.ids[None])[0].detach()
+    L, d = e.shape
+    if isinstance(baseline, str):
+        if baseline == "zero":
+            b = torch.zeros_like(e)
+        elif baseline == "pad":
+            b = ad.embed(torch.full((1, L), ad.pad_token_id))[0].detach()
+        elif baseline == "mask":
+            tid = getattr(ad.tokenizer, "mask_token_id", None)
+            tid = tid if tid is not None else getattr(ad.tokenizer, "unk_token_id", None)
+            if tid is None:
+                raise ValueError("baseline='mask' needs a tokenizer with a mask or unk token; use 'pad' or 'zero'")
+            b = ad.embed(torch.full((1, L), int(tid)))[0].detach()
+        elif baseline == "mean":
+            b = (ad.E.detach().float().mean(0) * ad.structure.embed_scale).to(e).expand(L, d).clone()
+        else:
+            raise ValueError(f"unknown baseline {baseline!r}; use 'zero', 'pad', 'mask', 'mean', a token id or a tensor")
+    elif isinstance(baseline, int) and not isinstance(baseline, bool):
+        if not 0 <= baseline < ad.structure.vocab_size:
+            raise ValueError(f"baseline token id {baseline} is outside the vocabulary")
+        b = ad.embed(torch.full((1, L), baseline))[0].detach()
+    elif isinstance(baseline, torch.Tensor):
+        if not torch.isfinite(baseline).all():
+            raise ValueError("the baseline tensor contains NaN or inf")
+        if baseline.shape == (d,):
+            b = baseline.to(e).expand(L, d).clone()
+        elif baseline.shape == (L, d):
+            b = baseline.to(e).clone()
+        else:
+            raise ValueError(f"a baseline tensor must be [d]={[d]} or [L, d]={[L, d]}, got {list(baseline.shape)}")
+    else:
+        raise TypeError(f"unsupported baseline type {type(baseline).__name__}")
+    src = problem.sources.to(e.device)[:, None]
+    return torch.where(src, b, e)
+
+
+def path_gradients(
+    problem: AttributionProblem,
+    points: torch.Tensor,
+    weights: torch.Tensor,
+    chunk: int | None = None,
+    score: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``G[t] = Σ_k w_k ∂f_t/∂x (points[k])`` for every row ``t``: ``[R, L, d]`` (float64), and the row
+    scores at the points ``[K, R]``.
+
+    One forward per chunk of points, then one backward per row with the graph retained. ``score`` maps a
+    ``[n, L, d]`` tensor (requiring grad) to ``[n, R]`` (default: ``problem.score_embeds``).
+    """
+    score = score or (lambda x: problem.score_embeds(x, grad=True))
+    K = points.shape[0]
+    chunk = chunk or K
+    G: torch.Tensor | None = None
+    F_all = []
+    for s in range(0, K, chunk):
+        x = points[s : s + chunk].detach().clone().requires_grad_(True)
+        F = score(x)
+        R = F.shape[1]
+        if G is None:
+            G = torch.zeros(R, *points.shape[1:], dtype=torch.float64, device=points.device)
+        w = weights[s : s + chunk].to(x.device, torch.float64)
+        for t in range(R):
+            (g,) = torch.autograd.grad(F[:, t].sum(), x, retain_graph=t < R - 1, allow_unused=True)
+            if g is not None:
+                G[t] += (g.double() * w[:, None, None]).sum(0)
+        F_all.append(F.detach().float().cpu())
+    return G, torch.cat(F_all, 0)  # type: ignore[return-value]
+
+
+def _clean(problem: AttributionProblem) -> torch.Tensor:
+    return problem.adapter.embed(problem.ids[None])[0].detach()
+
+
+def _warn_if_degenerate(problem: AttributionProblem, e: torch.Tensor, b: torch.Tensor) -> None:
+    """Warn when the baseline is (almost) zero at the sources: a model that normalises the embeddings
+    first (pre-LN / RMSNorm) sees ``norm(α·e) = norm(e)`` for every α > 0, so ``f`` jumps at α ≈ 0 and no
+    quadrature meets completeness. (Embedding rows of the pad token are zero in many initialisations.)"""
+    src = problem.sources.to(e.device)
+    if not bool(src.any()):
+        return
+    ratio = (b[src].float().norm(dim=-1) / e[src].float().norm(dim=-1).clamp_min(1e-30)).max().item()
+    if ratio < 0.05:
+        warnings.warn(
+            "the IG baseline is (almost) zero at the sources; on models that normalise the embeddings first the "
+            "integrand then jumps at alpha≈0 and completeness fails. Use a non-zero baseline (a token id, or "
+            "'mean' on a trained model) and check result.relative_delta()",
+            stacklevel=3,
+        )
+
+
+@register_method("saliency")
+@dataclass
+class Saliency(AttributionMethod):
+    """Gradient saliency (ATT-1): ``s_ti = ‖∂f_t/∂e_i‖₂`` — magnitude only, always ≥ 0."""
+
+    def attribute_batch(self, problem: AttributionProblem) -> MethodOutput:
+        e = _clean(problem)
+        G, F = path_gradients(problem, e[None], torch.ones(1))
+        return MethodOutput(G.norm(dim=-1).float().cpu(), target_scores=F[0])
+
+
+@register_method("input_x_gradient", "grad_x_input")
+@dataclass
+class InputXGradient(AttributionMethod):
+    """Input × gradient (ATT-1): ``s_ti = Σ_d e_id · ∂f_t/∂e_id`` (first-order Taylor term of ``f`` at 0)."""
+
+    def attribute_batch(self, problem: AttributionProblem) -> MethodOutput:
+        e = _clean(problem)
+        G, F = path_gradients(problem, e[None], torch.ones(1))
+        return MethodOutput((G * e.double()[None]).sum(-1).float().cpu(), target_scores=F[0])
+
+
+@register_method("integrated_gradients", "ig")
+@dataclass
+class IntegratedGradients(AttributionMethod):
+    """Integrated gradients (ATT-2): ``a_ti = ⟨e_i − e′_i, Σ_k w_k ∂f_t/∂e (e′ + α_k(e − e′))_i⟩``.
+
+    Args:
+        n_steps: quadrature points.
+        rule: ``"gausslegendre"`` (default) or a Riemann rule (:mod:`tokensmith.attribution.quadrature`).
+        baseline: see :func:`baseline_embeddings` (default ``"pad"``).
+        internal_batch_size: points per forward (default: all).
+    """
+
+    n_steps: int = 32
+    rule: str = "gausslegendre"
+    baseline: Any = "pad"
+    internal_batch_size: int | None = None
+
+    def attribute_batch(self, problem: AttributionProblem) -> MethodOutput:
+        e = _clean(problem)
+        b = baseline_embeddings(problem, self.baseline)
+        _warn_if_degenerate(problem, e, b)
+        alpha, w = quadrature(self.n_steps, self.rule)
+        a = alpha.to(e.device, e.dtype)[:, None, None]
+        points = b[None] + a * (e - b)[None]
+        G, _ = path_gradients(problem, points, w, self.internal_batch_size)
+        scores = (G * (e - b).double()[None]).sum(-1)
+        with torch.no_grad():
+            f = problem.score_embeds(torch.stack([e, b])).double().cpu()
+        delta = scores.sum(-1).cpu() - (f[0] - f[1])
+        return MethodOutput(scores.float().cpu(), target_scores=f[0].float(), baseline_scores=f[1].float(),
+                            delta=delta.float())
+
+
+@register_method("smoothgrad")
+@dataclass
+class SmoothGrad(AttributionMethod):
+    """SmoothGrad: gradients averaged over ``n_samples`` noisy copies of the source embeddings.
+
+    Args:
+        n_samples: noisy copies; noise_level: ``σ / (max e − min e)`` (Smilkov et al. suggest 0.1-0.2);
+        multiply_by_inputs: report ``⟨e_i, ĝ_ti⟩`` (default) or ``‖ĝ_ti‖``; seed: the noise seed (no global
+        RNG is touched).
+    """
+
+    n_samples: int = 16
+    noise_level: float = 0.1
+    multiply_by_inputs: bool = True
+    seed: int | None = 0
+    internal_batch_size: int | None = None
+    stochastic = True
+
+    def attribute_batch(self, problem: AttributionProblem) -> MethodOutput:
+        if self.n_samples < 1:
+            raise ValueError("n_samples must be >= 1")
+        e = _clean(problem)
+        src = problem.sources.to(e.device)
+        sigma = self.noise_level * float(e[src].max() - e[src].min()) if bool(src.any()) else 0.0
+        g = torch.Generator().manual_seed(0 if self.seed is None else self.seed)
+        noise = torch.randn((self.n_samples, *e.shape), generator=g).to(e) * sigma
+        points = e[None] + noise * src[None, :, None]
+        G, F = path_gradients(problem, points, torch.full((self.n_samples,), 1.0 / self.n_samples),
+                              self.internal_batch_size)
+        s = (G * e.double()[None]).sum(-1) if self.multiply_by_inputs else G.norm(dim=-1)
+        return MethodOutput(s.float().cpu(), extra={"sigma": sigma})
+
+
+@register_method("layer_integrated_gradients", "layer_ig")
+@dataclass
+class LayerIntegratedGradients(AttributionMethod):
+    """Integrated gradients on the activation at a hook point, per position (baseline: zero activation).
+
+    Args:
+        layer: a canonical hook name, e.g. ``"layers.3.resid_post"`` or ``"layers.0.attn.out"``.
+        n_steps, rule, internal_batch_size: as for :class:`IntegratedGradients`.
+    """
+
+    layer: str = "layers.0.resid_post"
+    n_steps: int = 32
+    rule: str = "gausslegendre"
+    internal_batch_size: int | None = None
+    targets = ("tokens", "callable")
+
+    def attribute_batch(self, problem: AttributionProblem) -> MethodOutput:
+        ad = problem.adapter
+        if self.layer not in ad.hook_names():
+            raise ValueError(f"unknown hook name {self.layer!r}; see adapter.hook_names()")
+        e = _clean(problem)
+        with torch.no_grad(), ad.hooks(cache=self.layer) as h:
+            f_clean = problem.score_embeds(e[None]).double().cpu()[0]
+        act = h.cache[self.layer][0].detach()
+        if act.dim() != 2 or act.shape[0] != e.shape[0]:
+            raise ValueError(f"layer IG needs a per-position activation [L, d]; {self.layer!r} has {list(act.shape)}")
+        src = problem.sources.to(act.device)[:, None]
+        base = torch.where(src, torch.zeros_like(act), act)
+        alpha, w = quadrature(self.n_steps, self.rule)
+        points = base[None] + alpha.to(act)[:, None, None] * (act - base)[None]
+
+        def score(x: torch.Tensor, grad: bool = True) -> torch.Tensor:
+            def put(t: torch.Tensor, ctx: Any) -> torch.Tensor:
+                return rows_of(x, ctx, t).to(t.dtype)
+
+            with ad.hooks(edit={self.layer: put}):
+                return problem.score_embeds(e[None].expand(x.shape[0], -1, -1), grad=grad)
+
+        G, _ = path_gradients(problem, points, w, self.internal_batch_size, score=score)
+        scores = (G * (act - base).double()[None]).sum(-1)
+        f_base = score(base[None], grad=False).double().cpu()[0]
+        delta = scores.sum(-1).cpu() - (f_clean - f_base)
+        return MethodOutput(scores.float().cpu(), target_scores=f_clean.float(), baseline_scores=f_base.float(),
+                            delta=delta.float(), extra={"layer": self.layer})
+
