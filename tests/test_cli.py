@@ -37,7 +37,8 @@ from tokensmith.report.sections import (
     _mean_resid,
 )
 
-TITLES = ["Model card", "Tokenization across languages", "Per-token log-probs of a chat answer", "Activation steering"]
+TITLES = ["Model card", "Tokenization across languages", "Per-token log-probs of a chat answer",
+          "Which prompt words the answer rests on", "Activation steering"]
 
 
 @pytest.fixture(autouse=True)
@@ -257,7 +258,7 @@ def test_registry_custom_failing_and_skipped_sections(adapter):
 
     try:
         keys = [s.key for s in registered_sections()]
-        assert keys[:4] == ["model", "tokenization", "logprobs", "steering"]
+        assert keys[:5] == ["model", "tokenization", "logprobs", "attribution", "steering"]
         assert keys[-3:] == ["zz-custom", "zz-fail", "zz-skip"]
         rep = build_report(adapter, sections=["model", "zz-custom", "zz-fail", "zz-skip"], progress=False)
         assert rep.section("zz-custom").data["n"] == 1
@@ -334,3 +335,18 @@ def test_real_demo_end_to_end(tmp_path: Path, capsys):
     assert m and float(m.group(1)) < 600
     text = htmllib.unescape(page)
     assert "Why is the sky blue?" in text
+
+
+def test_attribution_section_and_command(adapter, report, tmp_path: Path, capsys):
+    sec = next(s for s in report.sections if s.key == "attribution")
+    assert sec.error is None, sec.error
+    assert set(sec.data["tops"]) >= {"integrated_gradients", "occlusion"}
+    assert all(len(v) == 5 for v in sec.data["tops"].values())
+    out = tmp_path / "a.html"
+    js = tmp_path / "a.json"
+    assert main(["attribute", "The capital of France is", "--target", " Paris", "--model", "tiny:llama",
+                 "--method", "occlusion", "--words", "--out", str(out), "--json", str(js)]) == 0
+    assert "row 0" in out.read_text(encoding="utf-8") and js.exists()
+    assert "wrote" in capsys.readouterr().out
+    assert main(["attribute", "x", "--target", " y", "--model", "tiny:llama", "--method", "nope"]) == 2
+    assert "registered" in capsys.readouterr().err

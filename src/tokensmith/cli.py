@@ -11,7 +11,11 @@ Subcommands:
 ``tokensmith models``
     List the bundled models.
 
-Later subcommands register themselves in :data:`SUBCOMMANDS` (``name -> (add_arguments, run)``).
+``tokensmith attribute "prompt" --target "..." [--method ig] [--chat] [--out attribution.html]``
+    Attribute a continuation to the prompt tokens (:mod:`tokensmith.attribution.cli`).
+
+Subpackages register their subcommands with :func:`register_subcommand` and their demo sections with
+``tokensmith.report.register_section`` when imported; :data:`tokensmith.plugins.PLUGINS` lists them.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 
-__all__ = ["main", "build_parser", "SUBCOMMANDS"]
+__all__ = ["main", "build_parser", "SUBCOMMANDS", "register_subcommand"]
 
 _FIRST_CALL = True
 
@@ -129,8 +133,21 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
 }
 
 
+def register_subcommand(
+    name: str,
+    help_: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+) -> None:
+    """Add ``tokensmith <name>``; subpackages call this from their own ``cli`` module."""
+    SUBCOMMANDS[name] = (help_, add_arguments, run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tokensmith import __version__
+    from tokensmith.plugins import load_plugins
+
+    load_plugins()
 
     parser = argparse.ArgumentParser(prog="tokensmith", description="tokensmith: a token-level research toolkit")
     parser.add_argument("--version", action="version", version=f"tokensmith {__version__}")

@@ -155,3 +155,15 @@ def test_contrast_and_callable_targets(shared_tiny):
     tid = int(ad.tokenizer(" Paris", add_special_tokens=False).input_ids[0])
     r2 = attribute(ad, "The capital is", target=lambda out, p: out.logits[:, -1, tid], method="input_x_gradient")
     assert r2.shape[0] == 1 and r2.extra["target_kind"] == "callable"
+
+
+@pytest.mark.parametrize("layer", ["layers.0.resid_post", "layers.1.attn.out"])
+def test_layer_ig_completeness_from_the_baseline_inputs_activation(layer, shared_tiny):
+    ad = shared_tiny("llama")
+    r = attribute(ad, PROMPT, target=TARGET, method="layer_ig", layer=layer, n_steps=64, baseline=BASE_ID)
+    diff = (r.target_scores - r.baseline_scores).abs()
+    assert (r.delta.abs() <= 0.01 * diff + 1e-6).all(), (r.delta, diff)
+    if layer.endswith("resid_post"):
+        # the residual stream is the whole state: its start point reproduces the baseline input's scores
+        full = attribute(ad, PROMPT, target=TARGET, method="ig", n_steps=4, baseline=BASE_ID)
+        torch.testing.assert_close(r.baseline_scores, full.baseline_scores, atol=1e-5, rtol=0)

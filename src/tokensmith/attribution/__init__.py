@@ -12,7 +12,7 @@ Layers: pure functions (:mod:`~tokensmith.attribution.quadrature`, :func:`token_
 on top. New methods subclass :class:`AttributionMethod` and :func:`register_method`.
 """
 
-from tokensmith.attribution import gradient, internals, perturbation  # noqa: F401  (registers the methods)
+from tokensmith.attribution import cli, gradient, internals, perturbation, report  # noqa: F401  (registers the methods)  # noqa: F401  (registers the CLI command and the demo section)
 from tokensmith.attribution.api import attribute, run_method
 from tokensmith.attribution.base import (
     AttributionMethod,

@@ -221,8 +221,10 @@ def compare_methods(
     last = None
     for m in methods:
         name = m if isinstance(m, str) else getattr(m, "name", type(m).__name__)
+        canonical = get_method(m).name if isinstance(m, str) else name
+        kw = mk.get(name, mk.get(canonical, {}))  # settings by the given name or the registry name
         t0 = time.perf_counter()
-        res = run_method(problem, get_method(m, **mk.get(name, {})))
+        res = run_method(problem, get_method(m, **kw))
         sec = time.perf_counter() - t0
         ev = evaluate(adapter, res, metrics, problem=problem)
         rows.append({"method": res.method, "seconds": sec, **{k: ev[k] for k in metrics}})

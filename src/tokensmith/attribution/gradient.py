@@ -18,7 +18,7 @@ Formulas (``g_t(e) = ∂f_t/∂e``, ``e′`` the baseline, ``⟨·,·⟩`` over 
   ``σ = noise_level · (max e − min e)``; reported as ``⟨e_i, ĝ_ti⟩`` (or ``‖ĝ_ti‖`` with
   ``multiply_by_inputs=False``);
 - layer integrated gradients: IG on the activation ``h`` at a canonical hook name (``layers.{i}.resid_post``,
-  ``layers.{i}.attn.out``, ...) with baseline ``h′ = 0``: ``a_ti = ⟨h_i − h′_i, ∫ ∂f_t/∂h(h′ + α(h − h′))_i dα⟩``.
+  ``layers.{i}.attn.out``, ...), from its value ``h′`` on the baseline input: ``a_ti = ⟨h_i − h′_i, ∫ ∂f_t/∂h(h′ + α(h − h′))_i dα⟩``.
 """
 
 from __future__ import annotations
@@ -203,9 +203,11 @@ class SmoothGrad(AttributionMethod):
     """SmoothGrad: gradients averaged over ``n_samples`` noisy copies of the source embeddings.
 
     Args:
-        n_samples: noisy copies; noise_level: ``σ / (max e − min e)`` (Smilkov et al. suggest 0.1-0.2);
-        multiply_by_inputs: report ``⟨e_i, ĝ_ti⟩`` (default) or ``‖ĝ_ti‖``; seed: the noise seed (no global
-        RNG is touched).
+        n_samples: noisy copies.
+        noise_level: ``σ / (max e − min e)`` (Smilkov et al. suggest 0.1-0.2).
+        multiply_by_inputs: report ``⟨e_i, ĝ_ti⟩`` (default) or ``‖ĝ_ti‖``.
+        seed: the noise seed (no global RNG is touched).
+        internal_batch_size: noisy copies per forward (default: all).
     """
 
     n_samples: int = 16
@@ -233,14 +235,25 @@ class SmoothGrad(AttributionMethod):
 @register_method("layer_integrated_gradients", "layer_ig")
 @dataclass
 class LayerIntegratedGradients(AttributionMethod):
-    """Integrated gradients on the activation at a hook point, per position (baseline: zero activation).
+    """Integrated gradients on the activation at a hook point, per position.
+
+    The path runs from ``h′``, the activation on the *baseline input* (the sources' embeddings replaced by
+    ``baseline``, as for :class:`IntegratedGradients`), to ``h``, the activation on the input:
+    ``a_ti = ⟨h_i − h′_i, ∫₀¹ ∂f_t/∂h(h′ + α(h − h′))_i dα⟩``, and completeness holds against
+    ``f_t(x) − f_t(x′)``. (A zero activation is not a usable baseline in pre-norm transformers: the next
+    layer's norm makes ``f`` constant along ``α·h`` except for a jump at 0.) Non-source positions keep their
+    input activation.
 
     Args:
         layer: a canonical hook name, e.g. ``"layers.3.resid_post"`` or ``"layers.0.attn.out"``.
-        n_steps, rule, internal_batch_size: as for :class:`IntegratedGradients`.
+        baseline: the baseline input (see :func:`baseline_embeddings`).
+        n_steps: quadrature points (as for :class:`IntegratedGradients`).
+        rule: the quadrature rule.
+        internal_batch_size: points per forward (default: all).
     """
 
     layer: str = "layers.0.resid_post"
+    baseline: Any = "pad"
     n_steps: int = 32
     rule: str = "gausslegendre"
     internal_batch_size: int | None = None
@@ -251,13 +264,15 @@ class LayerIntegratedGradients(AttributionMethod):
         if self.layer not in ad.hook_names():
             raise ValueError(f"unknown hook name {self.layer!r}; see adapter.hook_names()")
         e = _clean(problem)
+        b = baseline_embeddings(problem, self.baseline)
         with torch.no_grad(), ad.hooks(cache=self.layer) as h:
-            f_clean = problem.score_embeds(e[None]).double().cpu()[0]
-        act = h.cache[self.layer][0].detach()
-        if act.dim() != 2 or act.shape[0] != e.shape[0]:
-            raise ValueError(f"layer IG needs a per-position activation [L, d]; {self.layer!r} has {list(act.shape)}")
+            f_ends = problem.score_embeds(torch.stack([e, b])).double().cpu()
+        acts = h.cache[self.layer].detach()
+        if acts.dim() != 3 or acts.shape[1] != e.shape[0]:
+            raise ValueError(f"layer IG needs a per-position activation [L, d]; {self.layer!r} has {list(acts.shape[1:])}")
+        act, base = acts[0], acts[1]
         src = problem.sources.to(act.device)[:, None]
-        base = torch.where(src, torch.zeros_like(act), act)
+        base = torch.where(src, base, act)
         alpha, w = quadrature(self.n_steps, self.rule)
         points = base[None] + alpha.to(act)[:, None, None] * (act - base)[None]
 
@@ -270,8 +285,8 @@ class LayerIntegratedGradients(AttributionMethod):
 
         G, _ = path_gradients(problem, points, w, self.internal_batch_size, score=score)
         scores = (G * (act - base).double()[None]).sum(-1)
+        f_clean = f_ends[0]
         f_base = score(base[None], grad=False).double().cpu()[0]
         delta = scores.sum(-1).cpu() - (f_clean - f_base)
         return MethodOutput(scores.float().cpu(), target_scores=f_clean.float(), baseline_scores=f_base.float(),
                             delta=delta.float(), extra={"layer": self.layer})
-

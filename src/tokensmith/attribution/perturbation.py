@@ -126,7 +126,8 @@ class ShapleySampling(AttributionMethod):
 
     Args:
         n_permutations: random feature orders (each costs ``#features`` forwards, batched).
-        features, baseline: as for :class:`Occlusion`.
+        features: as for :class:`Occlusion`.
+        baseline: as for :class:`Occlusion`.
         seed: permutation seed (no global RNG is touched).
     """
 

@@ -128,7 +128,10 @@ def unregister_section(key: str) -> None:
 
 
 def registered_sections() -> list[SectionSpec]:
-    """All registered sections in report order."""
+    """All registered sections in report order (subpackages' sections included: see :mod:`tokensmith.plugins`)."""
+    from tokensmith.plugins import load_plugins
+
+    load_plugins()
     return sorted(_REGISTRY.values(), key=lambda s: (s.order, s.key))
 
 
