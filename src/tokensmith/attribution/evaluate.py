@@ -21,6 +21,7 @@ precision and recall at ``|gold|``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -212,8 +213,8 @@ def compare_methods(
     from tokensmith.attribution.targets import prepare
 
     mk = method_kwargs or {}
-    enc_kw = {k: attribute_kwargs.pop(k) for k in list(attribute_kwargs)
-              if k in ("chat", "target_span", "include_template", "max_new_tokens", "batch_size", "encode_kwargs")}
+    prepare_kw = {n for n, p in inspect.signature(prepare).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    enc_kw = {k: attribute_kwargs.pop(k) for k in list(attribute_kwargs) if k in prepare_kw}
     if attribute_kwargs:
         raise TypeError(f"unknown arguments {sorted(attribute_kwargs)}; pass method settings in method_kwargs")
     problem = prepare(adapter, inputs, target, **enc_kw)

@@ -95,7 +95,6 @@ class Occlusion(AttributionMethod):
     features: Any = "tokens"
     baseline: Any = "delete"
     requires = ("token_logprobs",)
-    targets = ("tokens", "contrast", "callable")
 
     def attribute_batch(self, problem: AttributionProblem) -> MethodOutput:
         groups = feature_groups(problem, self.features)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tokensmith.models import Encoded
+from tokensmith.models import Encoded, Span
 
 if TYPE_CHECKING:  # pragma: no cover
     from tokensmith.models.adapter import ModelAdapter
@@ -238,8 +238,6 @@ def _append(adapter: ModelAdapter, enc: Encoded, new: list[int]) -> Encoded:
     seg = torch.cat([enc.segment_ids, torch.full((len(new),), names.index("target"), dtype=enc.segment_ids.dtype)])
     special_ids = set(getattr(tok, "all_special_ids", []) or [])
     special = torch.cat([enc.special_mask, torch.tensor([i in special_ids for i in new], dtype=torch.bool)])
-    from tokensmith.models import Span
-
     spans = dict(enc.spans)
     spans["target"] = Span("target", len(enc), len(ids), len(enc.text), len(text))
     return Encoded(
