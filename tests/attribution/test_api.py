@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import tokensmith as ts
 from tokensmith.attribution import (
     AttributionMethod,
     AttributionProblem,
@@ -28,7 +29,24 @@ FAST = {
     "saliency": {}, "input_x_gradient": {}, "integrated_gradients": {"n_steps": 4, "baseline": 42},
     "smoothgrad": {"n_samples": 2}, "layer_integrated_gradients": {"n_steps": 4, "layer": "layers.0.resid_post"},
     "occlusion": {}, "shapley": {"n_permutations": 1}, "attention": {}, "attention_rollout": {}, "attention_norm": {},
+    "alti": {}, "globenc": {}, "decomposition_rollout": {"measure": "globenc", "layers": [1]}, "direct_logit": {},
+    "kernel_shap": {"n_samples": 16, "baseline": "pad"}, "lime": {"n_samples": 16, "baseline": "pad"}, "reagent": {"n_iters": 4},
 }
+NEEDS_REPLACER = {"reagent"}
+
+
+def test_every_registered_method_is_exercised_here():
+    from tokensmith.attribution.base import _REGISTRY
+
+    canonical = {cls.name for cls in _REGISTRY.values() if not cls.__module__.startswith("tests")}
+    assert canonical - {"test_uniform"} <= set(FAST), f"add the new method(s) to FAST: {canonical - set(FAST)}"
+
+
+def _kw(method, shared_tiny):
+    kw = dict(FAST[method])
+    if method in NEEDS_REPLACER:
+        kw["replacer"] = shared_tiny("bert")
+    return kw
 CAUSAL = ["llama", "gpt2", "qwen2", "gemma3", "gpt_neox"]
 
 
@@ -47,7 +65,7 @@ def test_every_method_runs_on_every_tiny_causal_arch(arch, method, shared_tiny):
     ad = shared_tiny(arch)
     names_before = set(ad.hook_names())
     hooks_before = _hook_count(ad)
-    r = attribute(ad, PROMPT, target=TARGET, method=method, **FAST[method])
+    r = attribute(ad, PROMPT, target=TARGET, method=method, **_kw(method, shared_tiny))
     assert r.shape == (3, len(r.tokens)) or r.shape[0] >= 1
     assert torch.isfinite(r.scores).all() and r.valid.any()
     assert (r.scores[~r.valid] == 0).all()
@@ -189,8 +207,11 @@ def test_smollm2_chat_every_method_and_ig_completeness(smollm2_shared):
     ad = smollm2_shared
     q, a = "What is the capital of France?", "Paris."
     for method, kw in FAST.items():
-        if method in ("integrated_gradients", "layer_integrated_gradients", "shapley", "smoothgrad"):
-            continue  # slow on the real model: IG below, the rest run on the tiny archs
+        if method in ("integrated_gradients", "layer_integrated_gradients", "shapley", "smoothgrad", "globenc",
+                      "decomposition_rollout"):
+            continue  # slow on the real model (IG below; GlobEnc shares ALTI's code); the rest run on tiny archs
+        if method in NEEDS_REPLACER:
+            kw = {**kw, "replacer": ts.tiny("bert")}
         r = attribute(ad, q, target=a, chat=True, method=method, **kw)
         assert r.valid.any() and not r.valid[:, [i for i, s in enumerate(r.segments) if s == "template"]].any()
     r = attribute(ad, q, target=a, chat=True, method="ig", n_steps=32, rule="riemann_middle", target_span=(0, 5))

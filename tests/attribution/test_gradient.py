@@ -167,3 +167,67 @@ def test_layer_ig_completeness_from_the_baseline_inputs_activation(layer, shared
         # the residual stream is the whole state: its start point reproduces the baseline input's scores
         full = attribute(ad, PROMPT, target=TARGET, method="ig", n_steps=4, baseline=BASE_ID)
         torch.testing.assert_close(r.baseline_scores, full.baseline_scores, atol=1e-5, rtol=0)
+
+
+class _Ridge:
+    """A duck-typed problem: ``f(x) = tanh(k·(⟨u, x⟩ − c))``, one row — IG has the closed form
+    ``a_i = (Σ_d d_id u_id / ⟨u, d⟩)·(f(e) − f(b))`` with ``d = e − b``, and a sharp step along the path."""
+
+    def __init__(self, k: float, c: float, L: int = 5, D: int = 3):
+        g = torch.Generator().manual_seed(0)
+        self.u = torch.randn(L, D, generator=g, dtype=torch.float64)
+        self.k, self.c = k, c
+
+    def score_embeds(self, x, grad=False):
+        return torch.tanh(self.k * ((x * self.u).sum((1, 2)) - self.c))[:, None]
+
+
+def test_adaptive_ig_meets_completeness_where_uniform_rules_do_not():
+    from tokensmith.attribution.gradient import adaptive_ig, point_contributions
+    from tokensmith.attribution.quadrature import quadrature
+
+    prob = _Ridge(k=40.0, c=0.3)
+    b = torch.zeros(5, 3, dtype=torch.float64)
+    e = torch.ones(5, 3, dtype=torch.float64) * (1.0 / prob.u.sum())  # ⟨u, e⟩ = 1: the step sits at α = 0.3
+    d = e - b
+    f = lambda z: torch.tanh(prob.k * ((z * prob.u).sum() - prob.c))  # noqa: E731
+    closed = (d * prob.u).sum(-1) / (d * prob.u).sum() * (f(e) - f(b))
+    sc, f1, f0, info = adaptive_ig(prob, e, b, tol=1e-3, max_points=256)
+    assert info["max_relative_delta"] <= 1e-3
+    torch.testing.assert_close(sc[0], closed, atol=2e-3 * float(abs(f(e) - f(b))), rtol=0)
+    # uniform Gauss-Legendre with as many points misses the same tolerance
+    a, w = quadrature(info["points"], "gausslegendre")
+    C, _ = point_contributions(prob, b[None] + a[:, None, None] * d[None], w, d)
+    uniform = C.sum(0)[0]
+    assert abs(float(uniform.sum() - (f(e) - f(b)))) / abs(float(f(e) - f(b))) > 1e-3
+    # the refinement concentrated its intervals around the step
+    widths = {round(a1 - a0, 6) for a0, a1 in info["intervals"] if a0 <= 0.3 <= a1}
+    assert min(widths) < 0.25
+
+
+def test_adaptive_ig_on_a_tiny_model_and_its_budget_warning(shared_tiny, torch_one_thread):
+    ad = shared_tiny("llama")
+    kw = {"target": " Paris is nice", "method": "ig", "baseline": 42}
+    ref = attribute(ad, "The capital of France is", n_steps=64, **kw)
+    ada = attribute(ad, "The capital of France is", rule="adaptive", n_steps=64, tol=1e-3, **kw)
+    assert float(ada.relative_delta().max()) <= 1e-3
+    assert ada.extra["adaptive"]["points"] <= 64
+    scale = float(ref.scores.abs().max())
+    torch.testing.assert_close(ada.scores, ref.scores, atol=2e-3 * scale, rtol=0)
+    with pytest.warns(UserWarning, match="budget"):
+        attribute(ad, "The capital of France is", rule="adaptive", n_steps=8, tol=0.0, **kw)
+
+
+def test_multi_token_contrast_is_one_row_and_meets_completeness(shared_tiny, torch_one_thread):
+    from tokensmith.attribution import Contrast
+
+    ad = shared_tiny("llama")
+    r = attribute(ad, "The movie was", target=Contrast(" really great", " very bad"), method="ig", n_steps=32,
+                  baseline=42)
+    assert r.shape[0] == 1 and len(r.target_labels) == 1
+    a = ad.encode("The movie was", target=" really great")
+    b = ad.encode("The movie was", target=" very bad")
+    fa = ad.token_logprobs(a.input_ids[None], a.target_mask[None]).sum()
+    fb = ad.token_logprobs(b.input_ids[None], b.target_mask[None]).sum()
+    torch.testing.assert_close(r.target_scores[0], (fa - fb).float(), atol=1e-4, rtol=0)
+    assert float(r.relative_delta()[0]) < 0.01

@@ -53,15 +53,15 @@ def test_attention_norm_decomposes_the_attention_output(arch, shared_tiny):
     Hkv = v.shape[-1] // dh
     v = v.view(-1, Hkv, dh).repeat_interleave(H // Hkv, dim=1)  # [L, H, dh]
     o = s.o_proj[0]
-    W = o.weight.detach().double()
-    W = W if W.shape[1] == H * dh else W.t()  # [d, H*dh]
+    with torch.no_grad():  # the projection's matrix measured on the basis (GPT-2's Conv1D is [in, out], square here)
+        b0 = o(torch.zeros(1, H * dh))[0].double()
+        W = (o(torch.eye(H * dh)).double() - b0).t()  # [d, H*dh]
     Wh = W.view(W.shape[0], H, dh)
-    z = h.cache["layers.0.attn.z"][0].double()
-    bias = getattr(o, "bias", None)
+    z = h.cache["layers.0.attn.z"][0]
+    with torch.no_grad():
+        real = o(z).double() - b0  # o_proj(z_q) − bias, run by the module itself
     for t, p in enumerate(r.target_positions.tolist()):
         q = p - 1
         vec = torch.einsum("hi,ihd,ohd->io", A[:, q], v, Wh)  # [L, d]
-        want_total = z[q] @ W.t()
-        torch.testing.assert_close(vec.sum(0), want_total, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vec.sum(0), real[q], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(r.scores[t, :p].double(), vec.norm(dim=-1)[:p], atol=1e-5, rtol=1e-4)
-    assert bias is None or bias.shape[0] == W.shape[0]

@@ -12,7 +12,17 @@ Layers: pure functions (:mod:`~tokensmith.attribution.quadrature`, :func:`token_
 on top. New methods subclass :class:`AttributionMethod` and :func:`register_method`.
 """
 
-from tokensmith.attribution import cli, gradient, internals, perturbation, report  # noqa: F401  (registers the methods)  # noqa: F401  (registers the CLI command and the demo section)
+from tokensmith.attribution import (  # noqa: F401  (register methods, CLI command, demo section)
+    cli,
+    decomposition,
+    gradient,
+    internals,
+    lens,
+    perturbation,
+    reagent,
+    report,
+    surrogate,
+)
 from tokensmith.attribution.api import attribute, run_method
 from tokensmith.attribution.base import (
     AttributionMethod,
@@ -21,6 +31,8 @@ from tokensmith.attribution.base import (
     get_method,
     register_method,
 )
+from tokensmith.attribution.dataset import AttributionRecords, attribute_dataset, read_records
+from tokensmith.attribution.decomposition import ALTI, DecompositionRollout, GlobEnc
 from tokensmith.attribution.evaluate import METRICS, compare_methods, evaluate, plausibility
 from tokensmith.attribution.gradient import (
     InputXGradient,
@@ -30,14 +42,29 @@ from tokensmith.attribution.gradient import (
     SmoothGrad,
 )
 from tokensmith.attribution.internals import Attention, AttentionNorm, AttentionRollout
+from tokensmith.attribution.lens import DirectLogitAttribution, LogitLensResult, logit_lens
 from tokensmith.attribution.perturbation import Occlusion, ShapleySampling
 from tokensmith.attribution.quadrature import quadrature
+from tokensmith.attribution.reagent import ReAGent
 from tokensmith.attribution.result import AttributionResult, token_groups
-from tokensmith.attribution.targets import AttributionProblem, Contrast, prepare
+from tokensmith.attribution.siamese import PairAttribution, integrated_jacobians
+from tokensmith.attribution.steering import (
+    GrainsDifferences,
+    SteeringVectors,
+    grains_differences,
+    grains_directions,
+    grains_fit,
+    grains_steer,
+)
+from tokensmith.attribution.surrogate import LIME, KernelSHAP
+from tokensmith.attribution.targets import AttributionProblem, Contrast, Label, MaskFill, prepare
 
 __all__ = [
     "attribute",
     "run_method",
+    "attribute_dataset",
+    "AttributionRecords",
+    "read_records",
     "evaluate",
     "compare_methods",
     "plausibility",
@@ -48,6 +75,10 @@ __all__ = [
     "AttributionMethod",
     "MethodOutput",
     "Contrast",
+    "Label",
+    "MaskFill",
+    "integrated_jacobians",
+    "PairAttribution",
     "register_method",
     "get_method",
     "available_methods",
@@ -58,9 +89,24 @@ __all__ = [
     "LayerIntegratedGradients",
     "Occlusion",
     "ShapleySampling",
+    "KernelSHAP",
+    "LIME",
+    "ReAGent",
     "Attention",
     "AttentionRollout",
     "AttentionNorm",
+    "DecompositionRollout",
+    "GlobEnc",
+    "ALTI",
+    "DirectLogitAttribution",
+    "logit_lens",
+    "LogitLensResult",
+    "grains_fit",
+    "grains_differences",
+    "grains_directions",
+    "grains_steer",
+    "SteeringVectors",
+    "GrainsDifferences",
     "quadrature",
     "token_groups",
 ]

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from tokensmith.attribution.base import AttributionMethod, get_method
+from tokensmith.attribution.progress import progress_scope
 from tokensmith.attribution.result import AttributionResult, versions
 from tokensmith.attribution.targets import AttributionProblem, prepare
 
@@ -47,7 +48,8 @@ def run_method(problem: AttributionProblem, method: AttributionMethod) -> Attrib
         delta=None if out.delta is None else out.delta.float().cpu(),
         seed=cfg.get("seed") if method.stochastic else None,
         versions=versions(),
-        extra={**out.extra, **problem.meta, "target_kind": problem.kind},
+        extra={**out.extra, **problem.meta, "target_kind": problem.kind,
+               **({"row_ids": problem.row_ids.tolist()} if problem.row_ids is not None else {})},
     )
 
 
@@ -63,6 +65,7 @@ def attribute(
     max_new_tokens: int = 16,
     batch_size: int | None = None,
     encode_kwargs: dict[str, Any] | None = None,
+    progress: bool | None = True,
     **method_kwargs: Any,
 ) -> AttributionResult:
     """Attribute the target rows to the source tokens of ``inputs``.
@@ -83,6 +86,8 @@ def attribute(
         max_new_tokens: for ``target="generate"``.
         batch_size: micro-batch size for the method's forwards.
         encode_kwargs: passed to ``adapter.encode`` (``system=``, ``boundary=``, ...).
+        progress: a progress bar over the method's forwards, drawn only once a run has lasted 2 s
+            (``False``: never; ``None``: inherit the enclosing scope, e.g. :func:`attribute_dataset`'s).
 
     Returns:
         :class:`AttributionResult` with a ``[rows × tokens]`` score matrix.
@@ -105,4 +110,5 @@ def attribute(
         adapter, inputs, target, chat=chat, target_span=target_span, include_template=include_template,
         max_new_tokens=max_new_tokens, batch_size=batch_size, encode_kwargs=encode_kwargs,
     )
-    return run_method(problem, m)
+    with progress_scope(progress):
+        return run_method(problem, m)

@@ -58,13 +58,16 @@ class AttributionMethod:
         name: the registry name (set by :func:`register_method`).
         requires: adapter features the method needs (``adapter.capabilities()["features"]`` keys); a model
             without one gets a clear ValueError before any work.
-        targets: the target kinds it accepts (``"tokens"``, ``"contrast"``, ``"callable"``).
+        targets: the target kinds it accepts (``"tokens"``, ``"contrast"``, ``"callable"``, ``"label"``,
+            ``"mask"``). Methods that score rows through ``problem.score_embeds`` / ``problem.score_ids`` take
+            them all; ``"label"`` and ``"mask"`` rows come from the model's own forward, so ``"token_logprobs"``
+            in ``requires`` is not needed for them.
         stochastic: the method uses the seed.
     """
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ("inputs_embeds",)
-    targets: ClassVar[tuple[str, ...]] = ("tokens", "contrast", "callable")
+    targets: ClassVar[tuple[str, ...]] = ("tokens", "contrast", "callable", "label", "mask")
     stochastic: ClassVar[bool] = False
 
     def attribute_batch(self, problem: AttributionProblem) -> MethodOutput:  # pragma: no cover - abstract
@@ -79,8 +82,11 @@ class AttributionMethod:
 
     def check(self, problem: AttributionProblem) -> None:
         """Raise a ValueError when the model or target kind does not suit the method."""
+        from tokensmith.attribution.targets import FORWARD_KINDS
+
         feats = problem.adapter.capabilities()["features"]
-        missing = [r for r in self.requires if not feats.get(r)]
+        waived = {"token_logprobs"} if problem.kind in FORWARD_KINDS else set()
+        missing = [r for r in self.requires if not feats.get(r) and r not in waived]
         if missing:
             raise ValueError(
                 f"method {self.name!r} needs {missing} but {problem.adapter.name!r} does not provide it "

@@ -31,7 +31,7 @@ import torch
 
 from tokensmith.attribution.perturbation import perturb, removal_id
 from tokensmith.attribution.result import AttributionResult
-from tokensmith.attribution.targets import AttributionProblem
+from tokensmith.attribution.targets import FORWARD_KINDS, AttributionProblem
 
 __all__ = ["METRICS", "evaluate", "plausibility", "compare_methods"]
 
@@ -44,7 +44,8 @@ def _problem_from_result(adapter: Any, result: AttributionResult) -> Attribution
 
     if result.extra.get("aggregated_by"):
         raise ValueError("evaluate a token-level result (before .aggregate()); aggregated groups are not tokens")
-    if result.extra.get("target_kind", "tokens") != "tokens":
+    kind = result.extra.get("target_kind", "tokens")
+    if kind not in ("tokens", *FORWARD_KINDS) or (kind in FORWARD_KINDS and "row_ids" not in result.extra):
         raise ValueError("a contrast or callable result needs its problem: evaluate(adapter, result, problem=...)")
     names: list[str] = ["template"]
     for s in result.segments:
@@ -56,8 +57,9 @@ def _problem_from_result(adapter: Any, result: AttributionResult) -> Attribution
         segment_ids=torch.tensor([names.index(s) for s in result.segments]), segment_names=names,
         special_mask=result.special.clone(), tokens=list(result.tokens),
     )
+    row_ids = torch.tensor(result.extra["row_ids"], dtype=torch.long) if kind in FORWARD_KINDS else None
     return AttributionProblem(adapter, enc, result.sources.clone(), result.target_positions.clone(),
-                              list(result.target_labels))
+                              list(result.target_labels), kind=kind, row_ids=row_ids)
 
 
 def _auc(y: Sequence[float]) -> float:
@@ -99,7 +101,7 @@ def evaluate(
     rep = removal_id(prob, baseline)
     ids = prob.ids.tolist()
     R = prob.n_rows
-    as_prob = prob.kind == "tokens"
+    as_prob = prob.kind in ("tokens", *FORWARD_KINDS)  # rows are log-probabilities
     out: dict[str, Any] = {"per_row": {m: [] for m in metrics}}
     need_perturb = [m for m in metrics if m != "completeness"]
 

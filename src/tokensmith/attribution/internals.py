@@ -11,20 +11,26 @@ Row ``t`` (the token at position ``p_t``) reads the attention of the query that 
 - attention × value norm (ATT-3; Kobayashi et al., 2020): ``s_ti = ‖Σ_h A^{l,h}[q, i] · v^{g(h)}_i W_O^h‖₂``
   — the norm of what source ``i`` adds to the attention output at ``q`` through every head (``v`` the value
   projection output, bias included; ``W_O^h`` the head's columns of the output projection; ``g(h)`` its
-  KV group). The output projection's bias is shared by all sources and left out.
+  KV group). The output projection's bias is shared by all sources and left out. ``W_O`` is read by
+  :func:`output_projection`, which decides the weight's orientation by running the module (GPT-2's
+  ``Conv1D`` stores ``[in, out]``, square when ``d = H·d_head``, so shapes cannot tell).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tokensmith.attribution.base import AttributionMethod, MethodOutput, register_method
 from tokensmith.attribution.targets import AttributionProblem
 
-__all__ = ["Attention", "AttentionRollout", "AttentionNorm", "query_rows"]
+if TYPE_CHECKING:  # pragma: no cover
+    from tokensmith.models.adapter import ModelAdapter
+
+__all__ = ["Attention", "AttentionRollout", "AttentionNorm", "query_rows", "output_projection", "value_outputs", "mix_sources"]
 
 
 def query_rows(problem: AttributionProblem) -> torch.Tensor:
@@ -34,6 +40,10 @@ def query_rows(problem: AttributionProblem) -> torch.Tensor:
         return problem.target_positions - 1
     if problem.kind == "contrast":
         return torch.tensor([problem.shared - 1])
+    if problem.kind == "mask":  # the masked position's own query: its output is what the MLM head reads
+        return problem.target_positions.clone()
+    if problem.kind == "label":  # the pooled token: [CLS] for encoders, the last token for causal classifiers
+        return torch.full((problem.n_rows,), L - 1 if problem.adapter.is_causal else 0, dtype=torch.long)
     return torch.tensor([L - 1])
 
 
@@ -145,35 +155,74 @@ class AttentionNorm(AttributionMethod):
 
     def attribute_batch(self, problem: AttributionProblem) -> MethodOutput:
         ad = problem.adapter
-        s = ad.structure
         have = ad.capabilities()["attention_layers"]
         li = _attention_layers(problem, [_pick(have, self.layer)])[0]
-        o = s.o_proj[li]
-        w = getattr(o, "weight", None) if o is not None else None
-        if w is None or not s.head_dim:
-            raise ValueError(f"attention_norm needs the output projection of layer {li} (not found); pass "
-                             "AdapterSpec(o_proj=...) or use 'attention' / 'attention_rollout'")
         name = f"layers.{li}.attn.v"
+        W, _ = output_projection(ad, li)
         if name not in ad.hook_names():
             raise ValueError(f"attention_norm needs the {name!r} hook, which this model does not offer")
         with torch.no_grad(), ad.capture_attention(layers=[li]) as att, ad.hooks(cache=name) as h:
             ad.forward(problem.ids[None])
         A = att[li][0].double().cpu()  # [H, L, L]
-        v = h.cache[name][0].double().cpu()  # [L, H_kv * dh]
-        H, dh = A.shape[0], s.head_dim
-        Hkv = v.shape[-1] // dh
-        v = v.view(v.shape[0], Hkv, dh)
-        W = w.detach().double().cpu()
-        if W.shape[1] != H * dh:  # Conv1D (GPT-2) stores the transpose
-            W = W.t()
-        if W.shape[1] != H * dh:
-            raise ValueError(f"output projection of layer {li} has shape {list(w.shape)}, not [d, H·d_head]")
+        f = value_outputs(ad, h.cache[name][0], W)  # [H, L, d]
         q = query_rows(problem)
-        out = torch.zeros(len(q), v.shape[0], dtype=torch.float64)
-        for r, qi in enumerate(q.tolist()):
-            contrib = torch.zeros(v.shape[0], W.shape[0], dtype=torch.float64)
-            for hh in range(H):
-                g = hh // (H // Hkv)
-                contrib += A[hh, qi, :, None] * (v[:, g] @ W[:, hh * dh : (hh + 1) * dh].t())
-            out[r] = contrib.norm(dim=-1)
-        return MethodOutput(out.float(), extra={"layer": li})
+        vec = mix_sources(A[:, q], f)  # [R, L, d]
+        return MethodOutput(vec.norm(dim=-1).float(), extra={"layer": li})
+
+
+def output_projection(adapter: ModelAdapter, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``layer``'s attention output projection as ``(W [H, d_head, d], b [d])`` in float64 on the CPU:
+    ``o_proj(z) = Σ_h z^h W[h] + b``.
+
+    The orientation of the stored weight (``nn.Linear`` keeps ``[out, in]``, GPT-2's ``Conv1D`` ``[in, out]``;
+    both are ``[d, d]`` when ``d = H·d_head``) is decided by running the module on a random input, not by shape.
+
+    Raises:
+        ValueError: no output projection was discovered, or it is not affine in its input.
+    """
+    s = adapter.structure
+    o = s.o_proj[layer]
+    w = getattr(o, "weight", None) if o is not None else None
+    H, dh = s.num_heads, s.head_dim
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not H or not dh:
+        raise ValueError(f"this method needs the attention output projection of layer {layer} (not found); pass "
+                         "AdapterSpec(o_proj=...) or use 'attention' / 'attention_rollout'")
+    n = H * dh
+    b = getattr(o, "bias", None)
+    bias = b.detach().double().cpu() if isinstance(b, torch.Tensor) else None
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, n, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        ref = o(z.to(device=w.device, dtype=w.dtype))
+    ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).double().cpu()
+    tol = 64 * torch.finfo(w.dtype).eps * math.sqrt(n) * float(ref.abs().max() + 1)
+    W64 = w.detach().double().cpu()
+    for M in (W64.t(), W64):  # [in, out]
+        if M.shape[0] != n:
+            continue
+        bb = bias if bias is not None else torch.zeros(M.shape[1], dtype=torch.float64)
+        if bb.shape[0] == M.shape[1] and float((z @ M + bb - ref).abs().max()) <= tol:
+            return M.reshape(H, dh, M.shape[1]), bb
+    raise ValueError(f"the output projection of layer {layer} ({type(o).__name__}, weight {list(w.shape)}) is not "
+                     f"z·W + b with W of [H·d_head = {n}, d]")
+
+
+def value_outputs(adapter: ModelAdapter, v: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``f^h(x_j) = v_j^{g(h)} W_O^h`` for every head and position: ``[H, L, d]`` float64.
+
+    ``v``: the ``attn.v`` record of one sequence, ``[L, H_kv·d_head]`` (bias included); ``W`` from
+    :func:`output_projection`. Query head ``h`` reads KV group ``g(h) = h // (H / H_kv)``.
+    """
+    H, dh, _ = W.shape
+    v = v.double().cpu()
+    Hkv = v.shape[-1] // dh
+    if Hkv == 0 or H % Hkv or v.shape[-1] != Hkv * dh:
+        raise ValueError(f"attn.v has width {v.shape[-1]}, not a multiple of d_head={dh} dividing {H} heads")
+    v = v.view(v.shape[0], Hkv, dh).repeat_interleave(H // Hkv, dim=1)  # [L, H, dh]
+    return torch.einsum("lhe,hed->hld", v, W)
+
+
+def mix_sources(probs: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``out[q, j] = Σ_h probs[h, q, j] · f[h, j]``: ``[H, Q, L] × [H, L, d] → [Q, L, d]`` (one batched matmul
+    over sources ``j``; ``einsum`` picks a far slower contraction for this pattern)."""
+    return torch.bmm(probs.permute(2, 1, 0), f.permute(1, 0, 2)).permute(1, 0, 2)

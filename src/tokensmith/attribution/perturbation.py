@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from tokensmith.attribution.base import AttributionMethod, MethodOutput, register_method
+from tokensmith.attribution.progress import bar
 from tokensmith.attribution.result import token_groups
 from tokensmith.attribution.targets import AttributionProblem
 
@@ -74,12 +75,23 @@ def perturb(ids: Sequence[int], removed: set[int], replace_with: int | None) -> 
     return [replace_with if p in removed else t for p, t in enumerate(ids)], None
 
 
+SCORE_BLOCK = 128  # perturbed sequences per scoring call (bounded padding memory, one progress tick each)
+
+
 def _score(problem: AttributionProblem, seqs: list[tuple[list[int], list[int] | None]]) -> torch.Tensor:
-    rows = [r for r, _ in seqs]
-    if all(k is None for _, k in seqs):
-        return problem.score_ids(rows)
-    keeps = [k if k is not None else list(range(len(r))) for r, k in seqs]
-    return problem.score_ids(rows, keeps)
+    """Row scores ``[N, R]`` of ``(ids, kept positions)`` pairs, in blocks of :data:`SCORE_BLOCK`."""
+    out = []
+    progress = bar(len(seqs), desc="perturbations", unit="seq")
+    for s in range(0, len(seqs), SCORE_BLOCK):
+        block = seqs[s : s + SCORE_BLOCK]
+        rows = [r for r, _ in block]
+        if all(k is None for _, k in block):
+            out.append(problem.score_ids(rows))
+        else:
+            out.append(problem.score_ids(rows, [k if k is not None else list(range(len(r))) for r, k in block]))
+        progress.update(len(block))
+    progress.close()
+    return torch.cat(out, 0)
 
 
 @register_method("occlusion", "loo", "leave_one_out")
@@ -126,13 +138,14 @@ class ShapleySampling(AttributionMethod):
     Args:
         n_permutations: random feature orders (each costs ``#features`` forwards, batched).
         features: as for :class:`Occlusion`.
-        baseline: as for :class:`Occlusion`.
+        baseline: ``"pad"`` (default), ``"mask"``, a token id or ``"delete"`` (the empty coalition then needs a
+            token before the first feature, e.g. a BOS).
         seed: permutation seed (no global RNG is touched).
     """
 
     n_permutations: int = 8
     features: Any = "tokens"
-    baseline: Any = "delete"
+    baseline: Any = "pad"
     seed: int | None = 0
     requires = ("token_logprobs",)
     stochastic = True
@@ -161,6 +174,12 @@ class ShapleySampling(AttributionMethod):
                 present |= set(groups[gi])
                 seqs.append(perturb(ids, all_pos - present, rep))
         f = _score(problem, seqs).double()
+        if not torch.isfinite(f).all():
+            raise ValueError(
+                f"some coalitions cannot be scored with baseline={self.baseline!r}: removing every feature before a "
+                "target token leaves nothing to predict it from (the model's tokenizer adds no BOS). Use a "
+                "replacement baseline (baseline='pad', 'mask' or a token id)"
+            )
         full, empty = f[0], f[1]
         R = problem.n_rows
         phi = torch.zeros(R, G, dtype=torch.float64)

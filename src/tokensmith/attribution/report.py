@@ -20,22 +20,25 @@ ATTRIBUTION_ANSWER = "Red."
 @register_section("attribution", order=35, title="Which prompt words the answer rests on",
                   requires=("token_logprobs", "inputs_embeds"))
 def attribution_section(adapter: ModelAdapter, ctx: ReportContext) -> Section:
-    from tokensmith.attribution import prepare, run_method
+    from tokensmith.attribution import evaluate, prepare, run_method
     from tokensmith.attribution.base import get_method
 
     chat = bool(adapter.capabilities()["features"]["chat_template"])
     # the first answer word carries the answer: one row keeps IG at one backward per step batch
     problem = prepare(adapter, ATTRIBUTION_QUESTION, ATTRIBUTION_ANSWER, chat=chat, target_span=(0, 3))
     n_steps = 4 if ctx.quick else 32
-    runs = [("integrated_gradients", {"n_steps": n_steps, "rule": "riemann_middle"}), ("occlusion", {}),
-            ("attention_rollout", {})]
-    if not adapter.capabilities()["features"]["attention_probe"]:
-        runs = runs[:2]
-    results, times = {}, {}
+    runs = [("integrated_gradients", {"n_steps": n_steps, "rule": "riemann_middle"}), ("occlusion", {})]
+    if adapter.capabilities()["features"]["attention_probe"]:
+        runs += [("attention_rollout", {}), ("alti", {}), ("direct_logit", {})]
+    results, times, comp = {}, {}, {}
     for name, kw in runs:
         t = time.perf_counter()
-        results[name] = run_method(problem, get_method(name, **kw))
+        try:
+            results[name] = run_method(problem, get_method(name, **kw))
+        except ValueError:  # a method this model cannot support (e.g. DLA on a post-LN model): left out
+            continue
         times[name] = time.perf_counter() - t
+        comp[name] = evaluate(adapter, results[name], ["comprehensiveness"], problem=problem)["comprehensiveness"]
     ig = results["integrated_gradients"]
     row = 0
     rows = []
@@ -44,7 +47,7 @@ def attribution_section(adapter: ModelAdapter, ctx: ReportContext) -> Section:
         words = res.aggregate("words")
         top = [t.strip() for _, t, _ in words.top(5, row=row)]
         tops[name] = top
-        rows.append([name, f"{times[name]:.1f}", ", ".join(top)])
+        rows.append([name, f"{times[name]:.1f}", f"{comp[name]:.4f}", ", ".join(top)])
     rel = ig.relative_delta()
     body = (
         f"<p>User: <i>{H.esc(ATTRIBUTION_QUESTION)}</i> — forced answer <i>{H.esc(ATTRIBUTION_ANSWER)}</i>. "
@@ -52,7 +55,9 @@ def attribution_section(adapter: ModelAdapter, ctx: ReportContext) -> Section:
         f"pass of the method (one forward per IG step and one backward per answer token). Chat-template tokens "
         f"are flagged and held at their real embeddings along the IG path. Top words for the answer token "
         f"{H.esc(repr(ig.target_labels[row]))}:</p>"
-        + H.table(["method", "seconds", "top-5 words"], rows)
+        + H.table(["method", "seconds", "comprehensiveness ↑", "top-5 words"], rows)
+        + "<p>Comprehensiveness: the drop in p(answer token) when the method's top 1/5/10/20/50% of prompt "
+        "tokens are replaced by the pad token, averaged (ERASER's AOPC; higher is more faithful).</p>"
         + f"<p>Integrated gradients ({n_steps} midpoint steps, pad baseline): completeness error "
         f"|Σ attributions − (f(x) − f(x′))| / |f(x) − f(x′)| = {float(rel[row]):.1%} for this row "
         f"(max over rows {float(rel.max()):.1%}). Heatmap (red raises the log-prob, blue lowers it; hover for "
@@ -63,5 +68,6 @@ def attribution_section(adapter: ModelAdapter, ctx: ReportContext) -> Section:
         body,
         [f"IG top words for {ig.target_labels[row]!r}: {', '.join(tops['integrated_gradients'])} "
          f"(completeness error {float(rel[row]):.1%})"],
-        data={"tops": tops, "seconds": times, "ig_relative_delta": rel.tolist(), "rows": ig.target_labels},
+        data={"tops": tops, "seconds": times, "comprehensiveness": comp, "ig_relative_delta": rel.tolist(),
+              "rows": ig.target_labels},
     )

@@ -19,6 +19,7 @@ from tokensmith.models.layers import (
     truncate_layers,
 )
 from tokensmith.models.logprobs import gather_logprobs, masked_mean, masked_sum, token_kl
+from tokensmith.models.norms import AttentionNorms, NormForm, attention_norms, norm_form
 from tokensmith.models.structure import AdapterSpec, ModelStructure, StructureError, discover
 from tokensmith.models.tiny import tiny
 from tokensmith.models.vocab import allowed_token_mask, nearest_tokens, soft_embed
@@ -62,4 +63,8 @@ __all__ = [
     "truncate_layers",
     "swap_layers",
     "skip_layer_for_tokens",
+    "NormForm",
+    "norm_form",
+    "AttentionNorms",
+    "attention_norms",
 ]

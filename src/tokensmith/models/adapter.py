@@ -1006,9 +1006,26 @@ class ModelAdapter:
         stop_after: str | None = None,
         detach: bool = True,
         offload: Any = None,
+        cache_positions: Any = None,
     ) -> HookSession:
-        """Context manager caching/editing activations at canonical names; see :class:`HookSession`."""
-        return HookSession(self, cache, edit, grad, stop_after, detach, offload)
+        """Context manager caching/editing activations at canonical names; see :class:`HookSession`.
+
+        ``cache_positions`` keeps only some tokens of each cached tensor: ``"last"`` (the last real token of
+        each row, padding read from the attention mask) -> ``[B, d]``; an int -> ``[B, d]`` or a list of ints
+        -> ``[B, k, d]`` (absolute positions, left padding not counted; negative from the end of each row); a
+        ``[B, T]`` bool mask or ``fn(ctx) -> mask`` -> ``[N_selected, d]`` (row-major). The records are small
+        copies (not views of the full activation); micro-batching, OOM retries, ``grad=``, ``offload=`` and
+        generation's decode steps compose with it (see :class:`HookSession`).
+
+        Examples:
+            >>> import tokensmith as ts
+            >>> ad = ts.tiny("llama")
+            >>> with ad.hooks(cache="layers.0.resid_post", cache_positions=[0, -1]) as h:
+            ...     _ = ad.forward(ad.encode_batch(["a b c", "d e"]))
+            >>> list(h.cache["layers.0.resid_post"].shape) == [2, 2, ad.structure.hidden_size]
+            True
+        """
+        return HookSession(self, cache, edit, grad, stop_after, detach, offload, cache_positions)
 
     def micro_batch(self, n: int) -> BatchCall:
         """One logical call over ``n`` rows that you split into micro-batches yourself.

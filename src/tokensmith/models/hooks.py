@@ -31,6 +31,13 @@ as if unsplit), an attempt that fails (out of memory, then retried smaller) leav
 :func:`patch_fn`/:func:`steer_fn`/:func:`ablate_fn` values with a leading dimension of ``batch_size`` (and
 ``[B, T]`` position masks) are sliced to the rows of each forward.
 
+Caching selected positions: ``cache_positions=`` (see :class:`HookSession`) keeps only some tokens of each
+cached tensor — ``"last"`` (the last real token of each row, left or right padding read from the attention
+mask), absolute positions (an int or a list; negative counts from the end of each row), a ``[B, T]`` boolean
+mask or ``fn(ctx) -> mask``. The record is a new, small tensor (a gather, never a view of the full
+activation): ``[B, ...]`` for ``"last"``/an int, ``[B, k, ...]`` for a list of ``k``, ``[N_selected, ...]``
+(row-major) for a mask.
+
 Fused QKV: when a layer has no separate q/k/v projections but one module whose weight maps ``d`` to
 ``(H + 2·H_kv)·d_head`` columns, ``attn.q|k|v`` select columns of that output. Two layouts exist: *blocked*
 ``[Q | K | V]`` (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``) and *grouped* — per KV head ``g`` a block
@@ -124,6 +131,11 @@ class _ForwardState:
     pad_offsets: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     batch: int | None = None
+    # for position-selected caches (cache_positions=): which tokens of a hooked tensor are real
+    past: int = 0
+    decoder_attention_mask: torch.Tensor | None = None
+    encoder_runs: bool = False  # encoder-decoder: this forward runs the encoder (its embeddings come first)
+    embed_calls: int = 0  # calls of the embedding module in this forward (shared by T5's encoder and decoder)
 
 
 # -- fused QKV projections and post-LN attention blocks -------------------------------------------------------
@@ -426,6 +438,141 @@ def _resolve(adapter: ModelAdapter, name: str) -> tuple[torch.nn.Module, str, in
     return mod, kind, i
 
 
+# -- position-selected caches (cache_positions=) ---------------------------------------------------------------
+def _check_cache_positions(spec: Any) -> str | None:
+    """Validate ``cache_positions`` and return the layout of its records (None: no selection)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec != "last":
+            raise ValueError(f"cache_positions={spec!r}: the only named selection is 'last'")
+        return "stack"
+    if isinstance(spec, bool):
+        raise TypeError("cache_positions must be 'last', an int, a list of ints, a [B, T] bool mask or fn(ctx)")
+    if isinstance(spec, int):
+        return "stack"
+    if isinstance(spec, torch.Tensor):
+        if spec.dim() != 2 or spec.dtype != torch.bool:
+            raise ValueError(
+                f"a cache_positions mask must be a [batch, seq] bool tensor, got {spec.dtype} of shape {list(spec.shape)}"
+            )
+        return "cat0"
+    if callable(spec):
+        return "cat0"
+    if isinstance(spec, (list, tuple)):
+        if not spec or not all(isinstance(p, int) and not isinstance(p, bool) for p in spec):
+            raise ValueError(f"cache_positions as a list must hold at least one int position, got {spec!r}")
+        return "cat1"
+    raise TypeError(
+        f"cache_positions must be 'last', an int, a list of ints, a [B, T] bool mask or fn(ctx), got {type(spec).__name__}"
+    )
+
+
+class _Selection:
+    """Which tokens of one hooked ``[B, T, ...]`` tensor a position-selected cache keeps."""
+
+    def __init__(self, index: torch.Tensor | None = None, mask: torch.Tensor | None = None, squeeze: bool = False):
+        self.index, self.mask, self.squeeze = index, mask, squeeze
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """A new tensor holding the selected tokens (advanced indexing copies: never a view of ``x``)."""
+        if self.mask is not None:
+            return x[self.mask.to(x.device)]
+        idx = self.index.to(x.device)  # type: ignore[union-attr]
+        out = x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
+        return out[:, 0] if self.squeeze else out
+
+    def shape(self, x: torch.Tensor) -> torch.Size:
+        if self.mask is not None:
+            return torch.Size([int(self.mask.sum()), *x.shape[2:]])
+        B, k = self.index.shape  # type: ignore[union-attr]
+        return torch.Size([B, *x.shape[2:]]) if self.squeeze else torch.Size([B, k, *x.shape[2:]])
+
+
+def _real_tokens(st: _ForwardState, name: str, B: int, T: int, enc_dec: bool) -> tuple[torch.Tensor | None, int]:
+    """The attention mask ``[B, W]`` (``W >= T``; the last ``T`` columns are this forward's tokens) that says
+    which tokens of a hooked ``[B, T, ...]`` tensor are real, or None (all real), and the KV-cache length.
+
+    Decoder-only and encoder models: the mask given to the model. Encoder-decoder models: hook points live
+    in the decoder stack, so the decoder's mask (``decoder_attention_mask``, None = all real), except the
+    embedding module's first call in a forward that runs the encoder (T5 shares one embedding module).
+    """
+    if enc_dec:
+        encoder_side = name == "embed" and st.encoder_runs and st.embed_calls == 1
+        am = st.attention_mask if encoder_side else st.decoder_attention_mask
+        past = 0 if encoder_side else st.past
+    else:
+        am, past = st.attention_mask, st.past
+    if am is None or am.dim() != 2:
+        return None, past
+    if am.shape[0] != B or am.shape[1] < T:
+        raise ValueError(
+            f"cache_positions at {name}: the hooked tensor covers [{B}, {T}] tokens but the attention mask is "
+            f"{list(am.shape)}; positions cannot be selected here (cache this name without cache_positions)"
+        )
+    return am.bool(), past
+
+
+def _select(
+    spec: Any, name: str, t: torch.Tensor, ctx: HookContext, st: _ForwardState, enc_dec: bool
+) -> _Selection | None:
+    """The :class:`_Selection` of ``spec`` on ``t`` for this forward, or None: nothing to record (a decode step
+    holding none of the requested positions)."""
+    if t.dim() < 2:
+        raise ValueError(f"cache_positions at {name}: the tensor has shape {list(t.shape)}, not [batch, seq, ...]")
+    B, T = int(t.shape[0]), int(t.shape[1])
+    am, past = _real_tokens(st, name, B, T, enc_dec)
+    dev = t.device
+    if isinstance(spec, torch.Tensor) or (callable(spec) and not isinstance(spec, str)):
+        m = spec(ctx) if callable(spec) and not isinstance(spec, torch.Tensor) else spec
+        m = torch.as_tensor(m)
+        if m.dim() != 2:
+            raise ValueError(f"cache_positions at {name}: a mask must be [batch, seq], got shape {list(m.shape)}")
+        m = m.to(device=dev, dtype=torch.bool)
+        if m.shape[0] != B and ctx.batch_size is not None and m.shape[0] == ctx.batch_size and ctx.rows is not None:
+            m = m[ctx.rows]
+        if m.shape[1] != T and am is not None and m.shape[1] == am.shape[1]:
+            m = m[:, -T:]  # a mask over the whole sequence so far (decode steps): this forward's columns
+        if tuple(m.shape) != (B, T):
+            raise ValueError(
+                f"cache_positions at {name}: the mask is {list(m.shape)} but the tensor covers [{B}, {T}] tokens "
+                "(give one column per token of the forward, or per token of the attention mask)"
+            )
+        return _Selection(mask=m)
+    if am is None:
+        real = torch.ones(B, T, dtype=torch.bool, device=dev)
+        pos = torch.arange(past, past + T, device=dev).expand(B, T)
+    else:
+        am = am.to(dev)
+        real = am[:, -T:]
+        pos = (am.long().cumsum(-1) - 1)[:, -T:]
+    if spec == "last":
+        if not bool(real.any(-1).all()):
+            rows = torch.nonzero(~real.any(-1)).flatten().tolist()
+            raise ValueError(f"cache_positions='last' at {name}: row(s) {rows} have no real token in this forward")
+        idx = (T - 1 - real.flip(-1).int().argmax(-1))[:, None]
+        return _Selection(index=idx, squeeze=True)
+    wanted = [spec] if isinstance(spec, int) else list(spec)
+    from_end = real.int().flip(-1).cumsum(-1).flip(-1)  # real tokens at or after each column, in this forward
+    idx = torch.zeros(B, len(wanted), dtype=torch.long, device=dev)
+    ok = torch.zeros(B, len(wanted), dtype=torch.bool, device=dev)
+    for j, p in enumerate(wanted):
+        hit = real & ((pos == p) if p >= 0 else (from_end == -p))
+        ok[:, j] = hit.any(-1)
+        idx[:, j] = hit.int().argmax(-1)
+    if bool(ok.all()):
+        return _Selection(index=idx, squeeze=isinstance(spec, int))
+    if not st.is_prefill:
+        return None  # decode step: record only steps that hold every requested position in every row
+    bad = torch.nonzero(~ok)
+    b, j = int(bad[0, 0]), int(bad[0, 1])
+    raise ValueError(
+        f"cache_positions={spec!r} at {name}: position {wanted[j]} is not a real token of row {b} "
+        f"({int(real[b].sum())} real tokens in this forward); every row must hold every requested position — use "
+        "a [B, T] bool mask or fn(ctx) for ragged selections"
+    )
+
+
 class _GradSlot:
     """Gradients at one hook point of one forward (possibly split into micro-batches).
 
@@ -467,14 +614,23 @@ class ActivationCache(dict):
     (``[B, T_total, ...]``). A micro-batched call contributes one record with all its rows (assembled along
     dim 0). For gradients (``session.grads``) there is one record per forward and backward pass."""
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # name -> how records of several forwards combine: "cat1" (default, along the sequence), "stack"
+        # ([B, ...] records of cache_positions="last"/an int -> [B, steps, ...]), "cat0" (mask selections)
+        self.layout: dict[str, str] = {}
+
     def __getitem__(self, name: str) -> torch.Tensor:  # type: ignore[override]
         steps = self.steps(name)
         if not steps:
             raise KeyError(f"{name!r} has no record yet (gradients appear after backward())")
         if len(steps) == 1:
             return steps[0]
+        mode = self.layout.get(name, "cat1")
         try:
-            return torch.cat(steps, dim=1)
+            if mode == "stack":
+                return torch.stack(steps, dim=1)
+            return torch.cat(steps, dim=0 if mode == "cat0" else 1)
         except RuntimeError as e:  # pragma: no cover - shapes that cannot be concatenated
             raise ValueError(f"{name} has {len(steps)} steps of different shapes; use .steps({name!r})") from e
 
@@ -500,6 +656,35 @@ class HookSession:
             are needed); the adapter's ``forward`` returns None in that case. Methods that need the model's
             output (``token_logprobs``) refuse to run while such a session is active.
         offload: device to move cached tensors to (e.g. ``"cpu"``).
+        cache_positions: keep only some tokens of each cached tensor (and of each recorded gradient):
+
+            - ``"last"``: the last real token of each row -> ``[B, ...]`` per forward. Padding on either side
+              is read from the attention mask given to the model (no mask: the last column).
+            - an int ``p`` -> ``[B, ...]``, or a list of ``k`` ints -> ``[B, k, ...]``: absolute (logical)
+              positions, 0 = each row's first real token (left padding not counted); negative ``-j`` = the
+              ``j``-th last real token of the row in this forward.
+            - a ``[B, T]`` bool mask (``B`` of the forward or of the full micro-batched call; ``T`` the
+              forward's tokens, or the attention mask's width in decode steps) or ``fn(ctx) -> mask``:
+              the selected tokens in row-major order -> ``[N_selected, ...]``.
+
+            Each record is a gather, a new tensor the size of the selection (never a view of the full
+            activation), so the full activation is freed after the forward. Micro-batched calls assemble
+            the selected records by rows (masks: row-major, as if unsplit); an attempt that failed leaves
+            nothing. With ``grad=`` the recorded gradients are those of the selected tokens (same shapes);
+            with ``detach=False`` the selection stays differentiable.
+
+            Decode steps (generation with a KV cache): a position means the same absolute position, and
+            negative positions count within the step's new tokens, so ``"last"`` / ``-1`` records the token
+            fed at every step: ``cache[name]`` is ``[B, steps, ...]`` (prefill's last token first). An int
+            or list records only in the forwards that hold every requested position in every row (prefill
+            raises a ValueError when a row lacks one; decode steps that hold none are skipped). Records of
+            several forwards combine as ``[B, steps, ...]`` (``"last"``/int), ``[B, steps·k, ...]`` (list)
+            or ``[ΣN, ...]`` (mask); ``.steps(name)`` gives them one by one.
+
+            Encoder-decoder models: hook points are in the decoder, whose tokens are real unless a
+            ``decoder_attention_mask`` says otherwise; the encoder's call of a shared embedding module uses
+            the encoder's attention mask. ``attn.probs`` cannot be selected (use
+            :meth:`ModelAdapter.capture_attention` with ``rows=``).
 
     While the session is active it listens to the adapter's micro-batched calls (see
     :meth:`ModelAdapter.micro_batch`): records are assembled by rows per logical call, and what an attempt
@@ -512,6 +697,11 @@ class HookSession:
         ...     _ = ad.forward("Hello")
         >>> h.cache["layers.0.resid_post"].shape[-1] == ad.structure.hidden_size
         True
+        >>> batch = ad.encode_batch(["a b c", "d"])  # left-padded
+        >>> with ad.hooks(cache="layers.*.resid_post", cache_positions="last") as h:
+        ...     _ = ad.forward(batch)
+        >>> list(h.cache["layers.1.resid_post"].shape) == [2, ad.structure.hidden_size]
+        True
     """
 
     def __init__(
@@ -523,6 +713,7 @@ class HookSession:
         stop_after: str | None = None,
         detach: bool = True,
         offload: str | torch.device | None = None,
+        cache_positions: Any = None,
     ):
         self.adapter = adapter
         self.cache = ActivationCache()
@@ -544,6 +735,19 @@ class HookSession:
                     raise ValueError("attn.probs can be cached, not edited; edit attn.z or attn.out instead")
                 self._edits.setdefault(n, []).append(fn)
         self._grad_names = expand(adapter, grad) if grad else []
+        layout = _check_cache_positions(cache_positions)
+        if layout is not None and self._probe_names:
+            raise ValueError(
+                f"cache_positions cannot select attention probabilities ({self._probe_names[0]}); cache attn.probs "
+                "in a session without cache_positions, or use adapter.capture_attention(rows=[-1])"
+            )
+        self.cache_positions = cache_positions
+        if layout is not None:
+            for n in self._cache_names:
+                self.cache.layout[n] = layout
+            for n in self._grad_names:
+                self.grads.layout[n] = layout
+        self._enc_dec = bool(getattr(adapter.structure, "is_encoder_decoder", False))
         self._stop_after = expand(adapter, stop_after)[0] if stop_after else None
         self._handles: list[Any] = []
         self._probe = None
@@ -641,6 +845,9 @@ class HookSession:
             return
         st = self.state
         st.step += 1
+        st.embed_calls = 0
+        st.decoder_attention_mask = kwargs.get("decoder_attention_mask")
+        st.encoder_runs = self._enc_dec and kwargs.get("encoder_outputs") is None
         x = kwargs.get("input_ids", args[0] if args else None)
         if x is None:
             x = kwargs.get("inputs_embeds")
@@ -665,6 +872,7 @@ class HookSession:
             pos = torch.arange(past, past + T, device=x.device).expand(B, T)
         st.positions = pos.expand(B, T) if pos.shape[0] == 1 else pos
         st.is_prefill = past == 0
+        st.past = past
         st.attention_mask = am
         st.pad_offsets = (am == 0).long().sum(-1) if am is not None and am.dim() == 2 else None
 
@@ -694,16 +902,32 @@ class HookSession:
                         f"{getattr(new, 'shape', type(new).__name__)}"
                     )
                 t = new
-        if name in self._cache_names:
+        if name == "embed":
+            self.state.embed_calls += 1
+        want_cache = name in self._cache_names
+        want_grad = name in self._grad_names and t.requires_grad
+        sel: _Selection | None = None
+        if self.cache_positions is not None and (want_cache or want_grad):
+            sel = _select(self.cache_positions, name, t, ctx or self._ctx(name, layer), self.state, self._enc_dec)
+            if sel is None:  # a decode step holding none of the requested positions
+                want_cache = want_grad = False
+        if want_cache:
             c = t.detach() if self.detach else t
+            if sel is not None:
+                c = sel.take(c)
             if self.offload is not None:
                 c = c.to(self.offload)
             self.cache.setdefault(name, []).append(c)
-        if name in self._grad_names and t.requires_grad:
+        if want_grad:
             start, end = (self._rows[0], self._rows[1]) if self._rows is not None else (0, t.shape[0])
-            slot = _GradSlot.for_tensor(t, start, end)
+            if sel is None:
+                slot = _GradSlot.for_tensor(t, start, end)
+                t.register_hook(slot.append_hook())
+            else:
+                slot = _GradSlot([(start, end, (sel.shape(t), t.dtype, t.device), [])])
+                store = slot.pieces[0][3]
+                t.register_hook(lambda g, sel=sel, store=store: store.append(sel.take(g.detach())))
             dict.setdefault(self.grads, name, []).append(slot)
-            t.register_hook(slot.append_hook())
         if name == self._stop_after:
             raise StopForward(name)
         return t
