@@ -187,9 +187,11 @@ def integrated_contributions(
 
     Args:
         f: maps ``[N, T, d]`` to ``[N, D]`` (differentiable).
-        x, r: ``[T, d]`` input and reference.
+        x: ``[T, d]`` input.
+        r: ``[T, d]`` reference.
         move: ``[T]`` bool, tokens to attribute (default: all).
-        n_steps, rule: the quadrature.
+        n_steps: quadrature nodes.
+        rule: the quadrature rule.
         batch_size: sequences per forward (default 64).
         mode: ``"forward"`` (one JVP row per token and node) or ``"reverse"`` (one backward per output dim).
 
@@ -368,7 +370,8 @@ def integrated_jacobians(
     Args:
         adapter: a sentence encoder (any model whose hidden states :meth:`ModelAdapter.pool` pools; the
             bundled ``ts.load("minilm-l6")``), fed through ``inputs_embeds``.
-        a, b: the two texts (str or :class:`~tokensmith.models.Encoded`).
+        a: the first text (str or :class:`~tokensmith.models.Encoded`).
+        b: the second text.
         n_steps: quadrature nodes (the cost is ``(Ta + Tb)·n_steps`` JVP rows).
         rule: ``"gausslegendre"`` (default) or a Riemann rule.
         baseline: the reference embeddings ``r`` at the attributed tokens, as for integrated gradients

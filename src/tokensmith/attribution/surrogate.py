@@ -169,7 +169,8 @@ class LIME(AttributionMethod):
             distance ×100, is 0.25 here).
         alpha: ridge penalty on the coefficients (LIME's reference implementation uses 1.0); the intercept is
             not penalised.
-        features, baseline: as for :class:`KernelSHAP`.
+        features: as for :class:`KernelSHAP`.
+        baseline: as for :class:`KernelSHAP`.
         seed: sampling seed.
 
     Examples:
