@@ -31,7 +31,7 @@ from tokensmith.attribution.progress import bar
 from tokensmith.attribution.result import token_groups
 from tokensmith.attribution.targets import AttributionProblem
 
-__all__ = ["Occlusion", "ShapleySampling", "feature_groups", "perturb", "removal_id"]
+__all__ = ["Occlusion", "ShapleySampling", "coalition_players", "feature_groups", "perturb", "removal_id"]
 
 
 def feature_groups(problem: AttributionProblem, features: Any = "tokens") -> list[list[int]]:
@@ -46,6 +46,22 @@ def feature_groups(problem: AttributionProblem, features: Any = "tokens") -> lis
     bad = [i for g in groups for i in g if not 0 <= i < len(src) or not src[i]]
     if bad or not all(groups):
         raise ValueError(f"feature groups must be non-empty lists of source positions; not sources: {bad[:10]}")
+    return groups
+
+
+def coalition_players(problem: AttributionProblem, features: Any = "tokens") -> list[list[int]]:
+    """The players of the one coalition game that serves every row (Shapley sampling, KernelSHAP, LIME).
+
+    A feature holding a row's own token would leave that row undefined in every coalition without it, so the
+    players are the :func:`feature_groups` that lie before the first scored token (for a continuation: its first
+    token; for a :class:`~tokensmith.attribution.Contrast`: the end of the shared prompt).
+    """
+    groups = feature_groups(problem, features)
+    limit = {"tokens": int(problem.target_positions.min()), "contrast": problem.shared}.get(problem.kind)
+    if limit is not None:
+        groups = [g for g in groups if max(g) < limit]
+    if not groups:
+        raise ValueError("no feature lies before the first target token: nothing to attribute")
     return groups
 
 
@@ -153,14 +169,7 @@ class ShapleySampling(AttributionMethod):
     def attribute_batch(self, problem: AttributionProblem) -> MethodOutput:
         if self.n_permutations < 1:
             raise ValueError("n_permutations must be >= 1")
-        groups = feature_groups(problem, self.features)
-        # one coalition game for all rows: a feature holding a row's own token would make that row undefined
-        # in every coalition without it, so the players are the features before the first scored token
-        limit = {"tokens": int(problem.target_positions.min()), "contrast": problem.shared}.get(problem.kind)
-        if limit is not None:
-            groups = [g for g in groups if max(g) < limit]
-        if not groups:
-            raise ValueError("no feature lies before the first target token: nothing to attribute")
+        groups = coalition_players(problem, self.features)
         rep = removal_id(problem, self.baseline)
         ids = problem.ids.tolist()
         G = len(groups)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from tokensmith.attribution.base import AttributionMethod, MethodOutput, register_method
-from tokensmith.attribution.perturbation import _score, feature_groups, perturb, removal_id
+from tokensmith.attribution.perturbation import _score, coalition_players, perturb, removal_id
 from tokensmith.attribution.targets import AttributionProblem
 
 __all__ = [
@@ -45,17 +45,6 @@ __all__ = [
     "weighted_ridge",
     "all_coalitions",
 ]
-
-
-def _players(problem: AttributionProblem, features: Any) -> list[list[int]]:
-    """The feature groups before the first scored token (the Shapley-sampling player rule)."""
-    groups = feature_groups(problem, features)
-    limit = {"tokens": int(problem.target_positions.min()), "contrast": problem.shared}.get(problem.kind)
-    if limit is not None:
-        groups = [g for g in groups if max(g) < limit]
-    if not groups:
-        raise ValueError("no feature lies before the first target token: nothing to attribute")
-    return groups
 
 
 def _score_coalitions(problem: AttributionProblem, groups: list[list[int]], Z: torch.Tensor, baseline: Any
@@ -133,7 +122,7 @@ class KernelSHAP(AttributionMethod):
     def attribute_batch(self, problem: AttributionProblem) -> MethodOutput:
         if self.n_samples < 1:
             raise ValueError("n_samples must be >= 1")
-        groups = _players(problem, self.features)
+        groups = coalition_players(problem, self.features)
         M = len(groups)
         exact = M < 2 or (2**M - 2) <= self.n_samples
         if exact:
@@ -199,7 +188,7 @@ class LIME(AttributionMethod):
             raise ValueError("kernel_width must be > 0")
         if self.alpha < 0:
             raise ValueError("alpha must be >= 0")
-        groups = _players(problem, self.features)
+        groups = coalition_players(problem, self.features)
         M = len(groups)
         gen = torch.Generator().manual_seed(0 if self.seed is None else self.seed)
         Z = _lime_samples(M, self.n_samples, gen)
