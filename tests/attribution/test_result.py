@@ -65,3 +65,18 @@ def test_exports(res):
     ax = res.plot()
     assert ax.get_title() == "input_x_gradient"
     assert res.top(2, row=0)[0][2] >= res.top(2, row=0)[1][2]
+
+
+def test_evaluate_against_spans_maps_characters_to_tokens(shared_tiny):
+    from tokensmith.attribution import attribute, evaluate_against_spans, plausibility
+
+    ad = shared_tiny("llama")
+    text = "The capital of France is"
+    r = attribute(ad, text, target=" Paris", method="occlusion")
+    a = text.index("France")
+    gold = [i for i, (s, e) in enumerate(r.offsets) if s < a + 6 and a < e]
+    assert gold and evaluate_against_spans(r, [(a, a + 6)]) == plausibility(r, gold)
+    with pytest.raises(ValueError, match="end > start"):
+        evaluate_against_spans(r, [(5, 5)])
+    with pytest.raises(ValueError, match="no token"):
+        evaluate_against_spans(r, [(900, 901)])

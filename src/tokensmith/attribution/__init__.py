@@ -33,7 +33,13 @@ from tokensmith.attribution.base import (
 )
 from tokensmith.attribution.dataset import AttributionRecords, attribute_dataset, read_records
 from tokensmith.attribution.decomposition import ALTI, DecompositionRollout, GlobEnc
-from tokensmith.attribution.evaluate import METRICS, compare_methods, evaluate, plausibility
+from tokensmith.attribution.evaluate import (
+    METRICS,
+    compare_methods,
+    evaluate,
+    evaluate_against_spans,
+    plausibility,
+)
 from tokensmith.attribution.gradient import (
     InputXGradient,
     IntegratedGradients,
@@ -47,7 +53,11 @@ from tokensmith.attribution.perturbation import Occlusion, ShapleySampling
 from tokensmith.attribution.quadrature import quadrature
 from tokensmith.attribution.reagent import ReAGent
 from tokensmith.attribution.result import AttributionResult, token_groups
-from tokensmith.attribution.siamese import PairAttribution, integrated_jacobians
+from tokensmith.attribution.siamese import (
+    PairAttribution,
+    integrated_jacobians,
+    integrated_jacobians_pairwise,
+)
 from tokensmith.attribution.steering import (
     GrainsDifferences,
     SteeringVectors,
@@ -68,6 +78,7 @@ __all__ = [
     "evaluate",
     "compare_methods",
     "plausibility",
+    "evaluate_against_spans",
     "METRICS",
     "prepare",
     "AttributionResult",
@@ -78,6 +89,7 @@ __all__ = [
     "Label",
     "MaskFill",
     "integrated_jacobians",
+    "integrated_jacobians_pairwise",
     "PairAttribution",
     "register_method",
     "get_method",

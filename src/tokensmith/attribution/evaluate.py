@@ -195,6 +195,29 @@ def plausibility(result: AttributionResult, gold: Sequence[int] | torch.Tensor, 
     return {"roc_auc": float(auc), "average_precision": ap / P, "recall_at_gold": float(recall)}
 
 
+
+def evaluate_against_spans(
+    result: AttributionResult, gold_spans: Sequence[tuple[int, int]], row: int | None = None
+) -> dict[str, float]:
+    """:func:`plausibility` against gold **character** spans of ``result.text`` (ERASER-style rationales, human
+    error spans): a source token is gold when its characters overlap a span.
+
+    Examples:
+        >>> import tokensmith as ts
+        >>> from tokensmith.attribution import attribute
+        >>> r = attribute(ts.tiny("llama"), "The capital of France is", target=" Paris", method="occlusion")
+        >>> m = evaluate_against_spans(r, [(15, 21)])     # "France"
+        >>> sorted(m)
+        ['average_precision', 'recall_at_gold', 'roc_auc']
+    """
+    spans = [(int(a), int(b)) for a, b in gold_spans]
+    if not spans or any(b <= a for a, b in spans):
+        raise ValueError("gold_spans must be non-empty (start, end) character spans with end > start")
+    gold = [i for i, (a, b) in enumerate(result.offsets) if b > a and any(a < e and s < b for s, e in spans)]
+    if not gold:
+        raise ValueError(f"no token of the text overlaps the gold spans {spans}; check the character offsets")
+    return plausibility(result, gold, row=row)
+
 def compare_methods(
     adapter: Any,
     inputs: Any,

@@ -53,7 +53,7 @@ from tokensmith.models import Encoded
 if TYPE_CHECKING:  # pragma: no cover
     from tokensmith.models.adapter import ModelAdapter
 
-__all__ = ["PairAttribution", "integrated_jacobians", "integrated_contributions", "encoder_function"]
+__all__ = ["PairAttribution", "integrated_jacobians", "integrated_jacobians_pairwise", "integrated_contributions", "encoder_function"]
 
 SCORES = ("cosine", "dot")
 
@@ -429,3 +429,6 @@ def integrated_jacobians(
         delta_a=float((Ua.sum(0) - (fa - fra)).norm()), delta_b=float((Ub.sum(0) - (fb - frb)).norm()),
         special_a=ea.special_mask.clone(), special_b=eb.special_mask.clone(), moved_a=ma, moved_b=mb, score_kind=score, config=cfg,
     )
+
+
+integrated_jacobians_pairwise = integrated_jacobians  # METHODS.md ATT-12's name
