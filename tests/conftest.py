@@ -38,3 +38,26 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def random_norm_tiny_factory():
+    """``get(arch, seed, norm_seed)`` -> a tiny adapter (cached per module) whose norm weights and biases are
+    perturbed at random: the default γ = 1, β = 0 would hide a dropped γ or a misplaced β."""
+    import torch
+
+    cache: dict[tuple[str, int, int], ts.ModelAdapter] = {}
+
+    def get(arch: str, seed: int, norm_seed: int) -> ts.ModelAdapter:
+        key = (arch, seed, norm_seed)
+        if key not in cache:
+            ad = ts.tiny(arch, seed=seed)
+            g = torch.Generator().manual_seed(norm_seed)
+            with torch.no_grad():
+                for n, p in ad.model.named_parameters():
+                    if "norm" in n.lower() or ".ln" in n.lower():
+                        p.add_(torch.randn(p.shape, generator=g) * 0.3)
+            cache[key] = ad
+        return cache[key]
+
+    return get

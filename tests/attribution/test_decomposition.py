@@ -25,23 +25,9 @@ BLOCK_OUT = {
 
 
 @pytest.fixture(scope="module")
-def random_norm_tiny(torch_one_thread):
-    """Own tiny adapters whose norm weights/biases are random (default γ = 1, β = 0 would hide a dropped γ or
-    a misplaced β)."""
-    cache: dict[str, ts.ModelAdapter] = {}
-
-    def get(arch: str) -> ts.ModelAdapter:
-        if arch not in cache:
-            ad = ts.tiny(arch, seed=3)
-            g = torch.Generator().manual_seed(1)
-            with torch.no_grad():
-                for n, p in ad.model.named_parameters():
-                    if "norm" in n.lower() or ".ln" in n.lower():
-                        p.add_(torch.randn(p.shape, generator=g) * 0.3)
-            cache[arch] = ad
-        return cache[arch]
-
-    return get
+def random_norm_tiny(torch_one_thread, random_norm_tiny_factory):
+    """Own tiny adapters with random norm parameters (see random_norm_tiny_factory)."""
+    return lambda arch: random_norm_tiny_factory(arch, seed=3, norm_seed=1)
 
 
 @pytest.mark.parametrize("arch", sorted(BLOCK_OUT))

@@ -15,22 +15,9 @@ CAUSAL = ["llama", "gpt2", "qwen2", "gemma3", "gpt_neox"]
 
 
 @pytest.fixture(scope="module")
-def random_norm_tiny(torch_one_thread):
-    """Own tiny adapters with random norm parameters (γ = 1, β = 0 would hide a dropped final-norm γ/β)."""
-    cache: dict[str, ts.ModelAdapter] = {}
-
-    def get(arch: str) -> ts.ModelAdapter:
-        if arch not in cache:
-            ad = ts.tiny(arch, seed=5)
-            g = torch.Generator().manual_seed(2)
-            with torch.no_grad():
-                for n, p in ad.model.named_parameters():
-                    if "norm" in n.lower() or ".ln" in n.lower():
-                        p.add_(torch.randn(p.shape, generator=g) * 0.3)
-            cache[arch] = ad
-        return cache[arch]
-
-    return get
+def random_norm_tiny(torch_one_thread, random_norm_tiny_factory):
+    """Own tiny adapters with random norm parameters (a dropped final-norm γ/β would show)."""
+    return lambda arch: random_norm_tiny_factory(arch, seed=5, norm_seed=2)
 
 
 @pytest.mark.parametrize("arch", CAUSAL)
