@@ -46,6 +46,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from proc_memory import malloc_trim, reset_peak_rss, status_kib  # noqa: E402
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -187,35 +190,6 @@ def _bench_size(adapter, B: int, T: int, n_rep: int, seed: int) -> dict[str, Any
 
 
 # ----------------------------------------------------------------------------------------------- (ii)
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _malloc_trim() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _score(adapter, path: str, ids: torch.Tensor, n_target: int) -> torch.Tensor:
     """Log-probs of the last ``n_target`` tokens, ``[B, n_target]``."""
     B, T = ids.shape
@@ -242,14 +216,14 @@ def mem_worker(args: argparse.Namespace) -> None:
     _score(adapter, args.mem_worker, small, min(n, small.shape[1] - 1))  # warm-up: same code path, small
     ids = make_ids(adapter, B, T, args.seed)
     gc.collect()
-    _malloc_trim()
-    hwm_ok = _reset_hwm()
-    rss0 = _status_kib("VmRSS")
+    malloc_trim()
+    hwm_ok = reset_peak_rss()
+    rss0 = status_kib("VmRSS")
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     res = _score(adapter, args.mem_worker, ids, n)
     secs = time.perf_counter() - t
-    hwm = _status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     maxrss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if hwm_ok and hwm is not None and rss0 is not None:
         peak_kib, method = hwm - rss0, "VmHWM after clear_refs - VmRSS before"

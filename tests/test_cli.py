@@ -38,7 +38,8 @@ from tokensmith.report.sections import (
 )
 
 TITLES = ["Model card", "Tokenization across languages", "Per-token log-probs of a chat answer",
-          "Which prompt words the answer rests on", "Activation steering"]
+          "Which prompt words the answer rests on", "Activation steering",
+          "Token-space search: forcing an answer with GCG"]
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import importlib
 
 __all__ = ["PLUGINS", "load_plugins"]
 
-PLUGINS: tuple[str, ...] = ("tokensmith.attribution",)
+PLUGINS: tuple[str, ...] = ("tokensmith.attribution", "tokensmith.optimization")
 
 
 def load_plugins() -> None:

@@ -9,7 +9,17 @@ from tokensmith.models.adapter import GenerationResult, ModelAdapter
 from tokensmith.models.attention import AttentionProbe
 from tokensmith.models.batching import MicroBatcher
 from tokensmith.models.embeddings import insert_embeddings
-from tokensmith.models.encoding import Encoded, EncodedBatch, Slot, Span, encode, pad_batch
+from tokensmith.models.encoding import (
+    Encoded,
+    EncodedBatch,
+    Slot,
+    Span,
+    encode,
+    pad_batch,
+    reencode,
+    slot_round_trip,
+    decode_slot,
+)
 from tokensmith.models.hooks import ActivationCache, HookContext, HookSession, ablate_fn, patch_fn, steer_fn
 from tokensmith.models.layers import (
     run_layers,
@@ -40,6 +50,9 @@ __all__ = [
     "Encoded",
     "EncodedBatch",
     "encode",
+    "reencode",
+    "slot_round_trip",
+    "decode_slot",
     "pad_batch",
     "HookSession",
     "HookContext",

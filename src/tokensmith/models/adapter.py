@@ -22,7 +22,7 @@ from torch import nn
 from tokensmith.models import logprobs as lp
 from tokensmith.models.attention import AttentionProbe
 from tokensmith.models.batching import BatchCall, MicroBatcher
-from tokensmith.models.encoding import Encoded, EncodedBatch, encode, pad_batch
+from tokensmith.models.encoding import Encoded, EncodedBatch, encode, pad_batch, reencode
 from tokensmith.models.hooks import HookSession, StopForward, hook_names, steer_fn
 from tokensmith.models.padding import (
     PositionScheme,
@@ -563,6 +563,11 @@ class ModelAdapter:
             True
         """
         return encode(self.tokenizer, prompt, target, **kwargs)
+
+    def reencode(self, enc: Encoded, texts: dict[str, str], **overrides: Any) -> Encoded:
+        """``enc`` rendered again with new slot texts through the same recipe
+        (:func:`tokensmith.models.encoding.reencode`)."""
+        return reencode(self.tokenizer, enc, texts, **overrides)
 
     def encode_batch(self, items: Sequence[Any], **kwargs: Any) -> EncodedBatch:
         """Encode several examples and left-pad them.

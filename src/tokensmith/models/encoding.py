@@ -19,7 +19,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["BOUNDARY_POLICIES", "Slot", "Span", "Encoded", "EncodedBatch", "encode", "pad_batch"]
+__all__ = [
+    "BOUNDARY_POLICIES",
+    "Slot",
+    "Span",
+    "Encoded",
+    "EncodedBatch",
+    "encode",
+    "reencode",
+    "slot_round_trip",
+    "decode_slot",
+    "pad_batch",
+]
 
 TEMPLATE = "template"
 EOT = "eot"
@@ -75,6 +86,8 @@ class Encoded:
             raises, ``"split"`` cannot produce them); each is assigned to the later piece.
         scored_segments: the segments :attr:`target_mask` covers: ``("target",)``, or
             ``("target", "eot")`` with ``encode(..., score_eot=True)``.
+        recipe: the arguments :func:`encode` was called with (prompt pieces, target, chat, ...), so the
+            example can be rendered again with other slot texts (:func:`reencode`); None when built by hand.
     """
 
     input_ids: torch.Tensor
@@ -87,9 +100,20 @@ class Encoded:
     tokens: list[str]
     boundary_tokens: list[int] = field(default_factory=list)
     scored_segments: tuple[str, ...] = ("target",)
+    recipe: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def slot_names(self) -> list[str]:
+        """Names of the :class:`Slot` pieces in this example (in the order given)."""
+        if self.recipe is None:
+            return []
+        out: list[str] = []
+        for group in [self.recipe.get("prompt")] + [m.get("content") for m in self.recipe.get("messages") or []]:
+            out += [p.name for p in _pieces(group) if p.slot]
+        return out
 
     def mask(self, *names: str) -> torch.Tensor:
         """``[T]`` boolean mask of the tokens in the named segments."""
@@ -496,7 +520,145 @@ def encode(
         tokens=tokenizer.convert_ids_to_tokens(ids),
         boundary_tokens=boundary_tokens,
         scored_segments=("target", EOT) if score_eot else ("target",),
+        recipe=dict(
+            prompt=prompt, target=target, chat=chat, system=system, messages=messages, close_target=close_target,
+            score_eot=score_eot, boundary=boundary, allow_special=allow_special,
+            add_special_tokens=add_special, chat_template_kwargs=chat_template_kwargs,
+        ),
     )
+
+
+def _replace_slots(group: Any, texts: dict[str, str], used: set[str]) -> Any:
+    if isinstance(group, Slot):
+        if group.name in texts:
+            used.add(group.name)
+            return Slot(group.name, texts[group.name])
+        return group
+    if isinstance(group, (list, tuple)):
+        return [_replace_slots(g, texts, used) for g in group]
+    return group
+
+
+def reencode(tokenizer: Any, enc: Encoded, texts: dict[str, str], **overrides: Any) -> Encoded:
+    """Render ``enc`` again with new slot texts, through exactly the same recipe (template, system text,
+    target, boundary policy, ...): what a string found by a search really tokenizes to in its context.
+
+    Args:
+        tokenizer: the tokenizer ``enc`` was encoded with.
+        enc: an example from :func:`encode` (it keeps its recipe).
+        texts: ``{slot name: new text}``.
+        **overrides: :func:`encode` arguments to change (e.g. ``target=``, ``boundary="allow"``).
+
+    Raises:
+        ValueError: ``enc`` has no recipe (built by hand), or a name in ``texts`` is not one of its slots.
+
+    Examples:
+        >>> import tokensmith as ts
+        >>> from tokensmith.models import Slot
+        >>> ad = ts.tiny("llama")
+        >>> enc = ad.encode(["Tell me", Slot("suffix", " x")], target=" Sure", chat=True)
+        >>> new = reencode(ad.tokenizer, enc, {"suffix": " y z"})
+        >>> ad.tokenizer.decode(new.input_ids[new.spans["suffix"].slice])
+        ' y z'
+    """
+    if enc.recipe is None:
+        raise ValueError("this Encoded has no recipe (it was not built by encode()); encode it with adapter.encode")
+    r = dict(enc.recipe)
+    used: set[str] = set()
+    r["prompt"] = _replace_slots(r.get("prompt"), texts, used)
+    if r.get("messages"):
+        r["messages"] = [{**m, "content": _replace_slots(m.get("content"), texts, used)} for m in r["messages"]]
+    missing = set(texts) - used
+    if missing:
+        raise ValueError(f"no slot named {sorted(missing)} in this example; its slots are {enc.slot_names}")
+    r.update(overrides)
+    return encode(tokenizer, **r)
+
+
+def _drops_edge_whitespace(tokenizer: Any) -> bool:
+    """True when tokens cannot carry a leading space (WordPiece: ``decode(encode(" a")) == "a"``)."""
+    ids = tokenizer(" a", add_special_tokens=False)["input_ids"]
+    return not tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False).startswith(" ")
+
+
+def decode_slot(tokenizer: Any, enc: Encoded, slot: str, slot_ids: torch.Tensor) -> list[str]:
+    """The text of each candidate token sequence ``[N, n]`` for a slot, as it goes back into the template.
+
+    For tokenizers whose tokens carry their whitespace (byte-level BPE, SentencePiece) this is
+    ``tokenizer.decode``. Tokenizers that drop whitespace (WordPiece) cannot represent the slot's edge
+    spaces in tokens, so the original slot text's leading and trailing whitespace is kept
+    (``" a b"`` → ``"x b"`` would otherwise glue the slot to the word before it).
+    """
+    ids = torch.as_tensor(slot_ids, dtype=torch.long).reshape(-1, torch.as_tensor(slot_ids).shape[-1])
+    dec = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    strings = tokenizer.batch_decode(ids.tolist(), **dec)
+    if slot in enc.spans and _drops_edge_whitespace(tokenizer):
+        sp = enc.spans[slot]
+        orig = enc.text[sp.char_start : sp.char_end]
+        lead = orig[: len(orig) - len(orig.lstrip())]
+        trail = orig[len(orig.rstrip()) :]
+        strings = [(lead if not s[:1].isspace() else "") + s + (trail if not s[-1:].isspace() else "") for s in strings]
+    return strings
+
+
+def slot_round_trip(tokenizer: Any, enc: Encoded, slot: str, slot_ids: torch.Tensor) -> torch.Tensor:
+    """Which candidate token sequences for a slot survive decode → re-tokenize *in context*: ``[N]`` bool.
+
+    Row ``i`` of ``slot_ids`` (``[N, n]``) replaces the slot's tokens; it passes when the decoded string,
+    put back into ``enc``'s full text, tokenizes to exactly the same ids (``enc``'s boundary policy: the
+    whole text jointly for ``"error"``/``"allow"``, the slot on its own for ``"split"``). A sequence that
+    drifts (``" wor" + "ld"`` → ``" world"``, a merge with the template text after the slot, a string that
+    spells a control token) would be optimised under one tokenization and used under another.
+    Batched through the fast tokenizer (one call for all rows).
+
+    Examples:
+        >>> import tokensmith as ts, torch
+        >>> from tokensmith.models import Slot
+        >>> ad = ts.tiny("llama")
+        >>> enc = ad.encode(["Say", Slot("adv", " hi there")], target=" ok")
+        >>> ids = enc.input_ids[enc.spans["adv"].slice]
+        >>> slot_round_trip(ad.tokenizer, enc, "adv", ids[None]).tolist()
+        [True]
+    """
+    if slot not in enc.spans:
+        raise ValueError(f"no span named {slot!r}; this example has {sorted(enc.spans)}")
+    sp = enc.spans[slot]
+    ids = torch.as_tensor(slot_ids, dtype=torch.long)
+    if ids.dim() != 2 or ids.shape[1] != len(sp):
+        raise ValueError(f"slot_ids must be [N, {len(sp)}] (the slot's token count), got {tuple(ids.shape)}")
+    strings = decode_slot(tokenizer, enc, slot, ids)
+    r = enc.recipe or {}
+    allow_special = bool(r.get("allow_special", False))
+    kw: dict[str, Any] = {"add_special_tokens": False}
+    if not allow_special:
+        kw["split_special_tokens"] = True
+    if r.get("boundary", "error") == "split":
+        got = tokenizer(strings, **kw)["input_ids"]
+        want = ids.tolist()
+    else:
+        # the context that can merge with the slot: from the last special token before it to the first after
+        # it (special tokens are hard boundaries: encode() parses template markers on their own)
+        special = enc.special_mask.tolist()
+        a = max([i for i in range(sp.start) if special[i]], default=-1) + 1
+        b = min([i for i in range(sp.end, len(enc)) if special[i]], default=len(enc))
+        cs = enc.offsets[a - 1][1] if a > 0 else 0
+        if b < len(enc):
+            # a special token added by the tokenizer (BERT's final [SEP]) is not in the text: offsets (0, 0)
+            ce = len(enc.text) if tuple(enc.offsets[b]) == (0, 0) else enc.offsets[b][0]
+        else:
+            ce = len(enc.text)
+        if enc.offsets[b - 1][1] > ce or cs > sp.char_start:  # offsets we cannot trust: check the whole text
+            full = dict(kw, add_special_tokens=bool(r.get("add_special_tokens", False)))
+            texts = [enc.text[: sp.char_start] + s + enc.text[sp.char_end :] for s in strings]
+            got = tokenizer(texts, **full)["input_ids"]
+            base = enc.input_ids.tolist()
+            want = [base[: sp.start] + row + base[sp.end :] for row in ids.tolist()]
+        else:
+            texts = [enc.text[cs : sp.char_start] + s + enc.text[sp.char_end : ce] for s in strings]
+            got = tokenizer(texts, **kw)["input_ids"]
+            head, tail = enc.input_ids[a : sp.start].tolist(), enc.input_ids[sp.end : b].tolist()
+            want = [head + row + tail for row in ids.tolist()]
+    return torch.tensor([g == w for g, w in zip(got, want, strict=True)], dtype=torch.bool)
 
 
 def _token_char_ranges(

@@ -30,6 +30,7 @@ layer kind (slots for full layers, absolute columns for windowed layers), so on 
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -46,6 +47,8 @@ __all__ = [
     "cache_kind",
     "layer_kind",
     "stored_positions",
+    "expand",
+    "extend",
 ]
 
 # attributes this module sets on a transformers cache layer after an eviction: the absolute columns of
@@ -279,3 +282,125 @@ def evict(
         gv = slots[..., None].expand(*slots.shape, v.shape[-1])
         set_layer_kv(cache, i, k.gather(2, g), v.gather(2, gv), positions=pos.gather(2, slots))
     return cache
+
+
+def expand(cache: Any, n: int, length: int | None = None) -> Any:
+    """A new cache holding the first ``length`` columns of a batch-1 (or batch-``n``) cache for ``n`` rows.
+
+    The tensors are *views* (``expand``), not copies, and the input cache is never modified: a forward that
+    appends to the new cache concatenates into fresh tensors. This is how a search scores many candidates
+    that share a prefix: :func:`prefill` the prefix once, then ``extend(adapter, expand(cache, N), ...)``
+    per batch of candidates (METHODS.md MOD-8, OPT-A1). ``length`` crops to a shorter shared prefix (e.g.
+    the tokens before the first position a candidate changes).
+
+    Args:
+        cache: a transformers ``DynamicCache`` (full, sliding-window or hybrid) with batch size 1 or ``n``.
+        n: rows of the new cache.
+        length: columns to keep (default: all). Sliding-window layers can be cropped only while they still
+            hold every column they have seen (the window has not rolled); layers without keys/values
+            (recurrent / SSM) cannot be cropped or shared at all.
+
+    Raises:
+        ValueError: a batch size other than 1 or ``n``, a ``length`` outside ``[1, columns]``, a cache whose
+            layers cannot be cropped (rolled window, recurrent state) or that was evicted (positions are not
+            contiguous).
+        TypeError: static / quantized caches.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not hasattr(cache, "layers"):
+        raise TypeError(f"expand needs a transformers >= 5 cache with .layers, got {type(cache).__name__}")
+    new = copy.copy(cache)
+    new.layers = []
+    for i, layer in enumerate(cache.layers):
+        kind = layer_kind(cache, i)
+        if kind == "unsupported":
+            raise TypeError(f"cache layer {i} ({type(layer).__name__}) is static or quantized; use the default DynamicCache")
+        if kind == "none":
+            raise ValueError(
+                f"cache layer {i} ({type(layer).__name__}) holds no keys/values (a recurrent / SSM state): its state "
+                "cannot be cropped or shared across rows; run candidates without a prefix cache"
+            )
+        if getattr(layer, _POS, None) is not None:
+            raise ValueError(f"cache layer {i} was evicted; expand works on a cache of contiguous columns 0..T-1")
+        k, v = layer.keys, layer.values
+        B, seen = k.shape[0], k.shape[-2]
+        if kind == "sliding":
+            seen = int(layer.cumulative_length)
+            if k.shape[-2] != seen and (length is None or length != seen):
+                if length is not None:
+                    raise ValueError(
+                        f"cache layer {i} is a sliding-window layer whose window has rolled ({seen} columns seen, "
+                        f"{k.shape[-2]} held): it cannot be cropped to {length} columns"
+                    )
+        L = seen if length is None else int(length)
+        if not 1 <= L <= seen:
+            raise ValueError(f"length {length} outside [1, {seen}] columns held by cache layer {i}")
+        if B not in (1, n):
+            raise ValueError(f"expand needs a cache of batch 1 or {n}, got batch {B}")
+        nl = copy.copy(layer)
+        if kind == "sliding" and k.shape[-2] != seen:  # rolled window, uncropped: keep what it holds
+            nk, nv = k, v
+        else:
+            nk, nv = k[:, :, :L], v[:, :, :L]
+            if kind == "sliding":
+                nl.cumulative_length = L
+        nl.keys = nk.expand(n, *nk.shape[1:])
+        nl.values = nv.expand(n, *nv.shape[1:])
+        new.layers.append(nl)
+    return new
+
+
+def extend(
+    adapter: ModelAdapter,
+    cache: Any,
+    past_length: int,
+    input_ids: torch.Tensor | None = None,
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+    logits_to_keep: int | torch.Tensor | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Continue a forward from a KV cache holding ``past_length`` unpadded columns.
+
+    Rows are unpadded (all ``N`` rows share the cached prefix and have the same new length ``L``): the new
+    tokens get positions ``past_length .. past_length + L - 1`` (plus the model's own first position), and
+    no attention mask is passed (every cached and new column is attended). Equals the uncached forward of
+    ``prefix ⊕ new`` at the new positions (tested on every tiny causal architecture).
+
+    Args:
+        adapter: the model.
+        cache: e.g. ``expand(prefill_cache, N)``; it is appended to (pass a fresh :func:`expand` per call).
+        past_length: columns the cache holds.
+        input_ids: ``[N, L]`` new token ids (or ``inputs_embeds`` ``[N, L, d]``, e.g. a one-hot path).
+        inputs_embeds: ``[N, L, d]`` embeddings instead of ids.
+        logits_to_keep: positions (of the new tokens) whose logits to compute: an int (the last k) or a 1-D
+            index tensor shared by all rows.
+        **kwargs: passed to the model.
+
+    Returns:
+        the model output (``.logits`` ``[N, K, V]``, ``.past_key_values``).
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of input_ids or inputs_embeds")
+    x = input_ids if input_ids is not None else inputs_embeds
+    N, L = x.shape[:2]
+    adapter.check_length(past_length + L)
+    params = adapter._fwd_params
+    d: dict[str, Any] = {("cache" if "cache" in params else "past_key_values"): cache, "use_cache": True}
+    if input_ids is not None:
+        d["input_ids"] = input_ids.to(adapter.device)
+    else:
+        if not torch.isfinite(inputs_embeds).all():  # type: ignore[union-attr]
+            raise ValueError("inputs_embeds contains NaN or inf")
+        d["inputs_embeds"] = inputs_embeds
+    if "position_ids" in params:
+        off = adapter.positions.offset or 0
+        pid = torch.arange(past_length, past_length + L, device=adapter.device) + off
+        d["position_ids"] = pid.expand(N, L)
+    if "cache_position" in params:
+        d["cache_position"] = torch.arange(past_length, past_length + L, device=adapter.device)
+    if logits_to_keep is not None and "logits_to_keep" in params:
+        d["logits_to_keep"] = logits_to_keep.to(adapter.device) if isinstance(logits_to_keep, torch.Tensor) else logits_to_keep
+    d.update(kwargs)
+    return adapter.model(**d)

@@ -242,3 +242,58 @@ def page(title: str, sections: Sequence[tuple[str, str, str]], *, subtitle: str 
         f'<header class="top"><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header>'
         f'<main><nav class="toc">{toc}</nav>{cards}<footer>{footer}</footer></main></body></html>\n'
     )
+
+
+def line_chart_svg(
+    series: dict[str, Sequence[float]],
+    *,
+    x: Sequence[float] | None = None,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    width: int = 520,
+    height: int = 220,
+) -> str:
+    """Lines as inline SVG: ``series`` maps a label to y values (all of one length, sharing ``x``)."""
+    colors = ["#6366f1", "#f59e0b", "#10b981", "#ef4444", "#0ea5e9"]
+    ys = [list(map(float, v)) for v in series.values()]
+    if not ys or not ys[0]:
+        raise ValueError("line_chart_svg needs at least one non-empty series")
+    n = len(ys[0])
+    if any(len(v) != n for v in ys):
+        raise ValueError("all series must have the same length")
+    xs = list(map(float, x)) if x is not None else [float(i) for i in range(n)]
+    finite = [v for s in ys for v in s if v == v and abs(v) != float("inf")]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    if hi - lo < 1e-12:
+        hi = lo + 1.0
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    L, R, T, B = 48, 12, 24 if title else 8, 30
+    pw, ph = width - L - R, height - T - B
+
+    def px(v: float) -> float:
+        return L + pw * (v - x0) / (x1 - x0)
+
+    def py(v: float) -> float:
+        return T + ph * (1 - (v - lo) / (hi - lo))
+
+    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="{esc(title or "line chart")}" font-family="sans-serif" font-size="11">']
+    if title:
+        parts.append(f'<text x="0" y="14" font-weight="600" font-size="12">{esc(title)}</text>')
+    parts.append(f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#d1d5db"/>')
+    for v in (lo, (lo + hi) / 2, hi):
+        parts.append(f'<text x="{L - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{esc(fmt(v, 3))}</text>')
+    parts.append(f'<text x="{L}" y="{height - 8}">{esc(fmt(x0, 3))}</text>')
+    parts.append(f'<text x="{L + pw}" y="{height - 8}" text-anchor="end">{esc(fmt(x1, 3))}</text>')
+    if xlabel:
+        parts.append(f'<text x="{L + pw / 2}" y="{height - 8}" text-anchor="middle">{esc(xlabel)}</text>')
+    if ylabel:
+        parts.append(f'<text x="10" y="{T + ph / 2}" transform="rotate(-90 10 {T + ph / 2})" text-anchor="middle">{esc(ylabel)}</text>')
+    for k, (label, s) in enumerate(zip(series, ys, strict=True)):
+        pts = " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in zip(xs, s, strict=True) if b == b and abs(b) != float("inf"))
+        c = colors[k % len(colors)]
+        parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{pts}"><title>{esc(label)}</title></polyline>')
+        parts.append(f'<text x="{L + pw - 4}" y="{T + 14 + 13 * k}" text-anchor="end" fill="{c}">{esc(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)

@@ -1,0 +1,45 @@
+"""Process-memory helpers shared by the benchmarks (Linux ``/proc``; graceful no-ops elsewhere)."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+
+__all__ = ["status_kib", "reset_peak_rss", "malloc_trim", "settle_and_reset_peak"]
+
+
+def status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (``"VmRSS"``, ``"VmHWM"``), or None where unavailable."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM := VmRSS) via ``/proc/self/clear_refs``; False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def malloc_trim() -> None:
+    """Return freed heap memory to the OS (glibc), so the next peak measures new allocations."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def settle_and_reset_peak() -> bool:
+    """gc + malloc_trim, then :func:`reset_peak_rss`."""
+    gc.collect()
+    malloc_trim()
+    return reset_peak_rss()
