@@ -353,3 +353,27 @@ def test_plan_chunks_is_an_optimal_cover():
     check()
     with pytest.raises(ValueError, match="sorted"):
         plan_chunks([3, 1], 5, 4)
+
+
+def test_out_of_memory_halves_the_chunk_and_loses_nothing(monkeypatch):
+    """A forward of more than 3 candidates raises an out-of-memory error: evaluate backs off (8 → 4 → 2 rows)
+    and returns the same losses, in the input order, as an unconstrained run."""
+    ad = ts.tiny("llama")
+    obj = TargetLoss(ad, _enc(ad), max_batch_size=8, chunk_overhead=10_000)  # one chunk unless memory says no
+    cands = _random_cands(obj, 10, seed=1)
+    ref = TargetLoss(ad, _enc(ad)).evaluate(cands, base=obj.init_ids).loss
+    real = ad.model.forward
+
+    def tight(*args, **kw):
+        x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+        if x is not None and x.shape[0] > 3:
+            raise RuntimeError("CPU out of memory (simulated)")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ad.model, "forward", tight)
+    got = obj.evaluate(cands, base=obj.init_ids).loss
+    assert obj.max_batch_size == 2
+    assert torch.allclose(got, ref, atol=1e-5)
+    monkeypatch.setattr(ad.model, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("other failure")))
+    with pytest.raises(RuntimeError, match="other failure"):
+        obj.evaluate(cands, base=obj.init_ids)

@@ -273,7 +273,7 @@ def constrained_wls(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, total: to
 
     Examples:
         >>> Z = all_coalitions(2); y = torch.tensor([1.0, 2.0]).double()
-        >>> constrained_wls(Z, y, shapley_kernel_weights(Z), torch.tensor(3.0)).tolist()
+        >>> [round(v, 9) for v in constrained_wls(Z, y, shapley_kernel_weights(Z), torch.tensor(3.0)).tolist()]
         [1.0, 2.0]
     """
     Z, w = Z.double(), w.double()

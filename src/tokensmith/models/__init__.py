@@ -14,11 +14,11 @@ from tokensmith.models.encoding import (
     EncodedBatch,
     Slot,
     Span,
+    decode_slot,
     encode,
     pad_batch,
     reencode,
     slot_round_trip,
-    decode_slot,
 )
 from tokensmith.models.hooks import ActivationCache, HookContext, HookSession, ablate_fn, patch_fn, steer_fn
 from tokensmith.models.layers import (
