@@ -1,0 +1,167 @@
+"""Preference pairs encoded jointly through the adapter, and their per-token log-probs and KL (METHODS.md 4).
+
+Every pair is rendered as prompt + completion in ONE string (through the chat template when asked) and
+tokenized once (``adapter.encode``), so chosen and rejected carry exactly the prompt tokens the model sees at
+inference and their completion masks come from character offsets. In chat mode the closing end-of-turn
+tokens are scored by default (``score_eot=True``), as TRL's DPO completions end. Chosen and rejected rows are
+padded together (one left-padded batch of ``2B`` rows), so their per-token tensors share one ``T``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tokensmith.models import EncodedBatch, pad_batch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tokensmith.models.adapter import ModelAdapter
+
+__all__ = ["PreferencePair", "PreferenceBatch", "encode_pairs", "pair_logprobs", "pair_kl"]
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One preference example: a prompt, the preferred and the dispreferred completion."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass
+class PreferenceBatch:
+    """``B`` pairs as one left-padded batch of ``2B`` rows: rows ``[0, B)`` chosen, ``[B, 2B)`` rejected.
+
+    Attributes:
+        batch: the :class:`~tokensmith.models.EncodedBatch` of all rows.
+        mask_w: ``[B, T]`` completion mask of the chosen rows (the scored tokens).
+        mask_l: ``[B, T]`` completion mask of the rejected rows.
+    """
+
+    batch: EncodedBatch
+    mask_w: torch.Tensor
+    mask_l: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.mask_w.shape[0])
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[2B, ...]`` → (chosen ``[B, ...]``, rejected ``[B, ...]``)."""
+        B = len(self)
+        if x.shape[0] != 2 * B:
+            raise ValueError(f"expected {2 * B} rows (chosen then rejected), got {x.shape[0]}")
+        return x[:B], x[B:]
+
+
+def _as_pairs(pairs: Iterable[Any]) -> list[PreferencePair]:
+    out = []
+    for i, p in enumerate(pairs):
+        if isinstance(p, PreferencePair):
+            out.append(p)
+        elif isinstance(p, Mapping):
+            missing = [k for k in ("prompt", "chosen", "rejected") if k not in p]
+            if missing:
+                raise ValueError(f"pair {i} has no {missing} field(s); a preference row needs prompt, chosen, rejected")
+            out.append(PreferencePair(str(p["prompt"]), str(p["chosen"]), str(p["rejected"])))
+        elif isinstance(p, Sequence) and len(p) == 3:
+            out.append(PreferencePair(*map(str, p)))
+        else:
+            raise TypeError(f"pair {i}: expected a PreferencePair, a dict or a (prompt, chosen, rejected) tuple")
+    if not out:
+        raise ValueError("no preference pairs given")
+    return out
+
+
+def encode_pairs(
+    adapter: ModelAdapter,
+    pairs: Iterable[Any],
+    *,
+    chat: bool | None = None,
+    system: str | None = None,
+    score_eot: bool | None = None,
+    **encode_kwargs: Any,
+) -> PreferenceBatch:
+    """Encode preference pairs (``PreferencePair``, dicts with prompt/chosen/rejected — e.g. rows of a
+    ``datasets.Dataset`` — or tuples) jointly through ``adapter.encode``.
+
+    Args:
+        adapter: the policy (its tokenizer and chat template).
+        pairs: the pairs.
+        chat: render through the chat template (default: when the tokenizer has one).
+        system: system message (chat mode).
+        score_eot: score the closing end-of-turn tokens (default: True in chat mode).
+        **encode_kwargs: other :meth:`~tokensmith.models.ModelAdapter.encode` options.
+
+    Raises:
+        ValueError: a missing field, an empty completion, or a completion that merges entirely into the prompt.
+
+    Examples:
+        >>> import tokensmith as ts
+        >>> ad = ts.tiny("llama")
+        >>> pb = encode_pairs(ad, [("Say hi", "Hi!", "No.")])
+        >>> pb.mask_w.shape == pb.mask_l.shape, bool(pb.mask_w.any())
+        (True, True)
+    """
+    rows = _as_pairs(pairs)
+    if chat is None:
+        chat = getattr(adapter.tokenizer, "chat_template", None) is not None
+    if score_eot is None:
+        score_eot = bool(chat)
+    kw = dict(encode_kwargs)
+    if chat:
+        kw.update(chat=True, system=system, score_eot=score_eot)
+    encs = []
+    for side in ("chosen", "rejected"):
+        for i, p in enumerate(rows):
+            text = getattr(p, side)
+            if not text.strip():
+                raise ValueError(f"pair {i}: the {side} completion is empty; drop the pair or give a completion")
+            encs.append(adapter.encode(p.prompt, target=text, **kw))
+    batch = pad_batch(encs, adapter.pad_token_id)
+    tm = batch.target_mask
+    B = len(rows)
+    for i in range(2 * B):
+        if not bool(tm[i].any()):
+            side = "chosen" if i < B else "rejected"
+            raise ValueError(f"pair {i % B}: the {side} completion produced no token of its own")
+    return PreferenceBatch(batch, tm[:B], tm[B:])
+
+
+def pair_logprobs(
+    adapter: ModelAdapter, pb: PreferenceBatch, *, grad: bool = False, max_batch_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the chosen and the rejected completions: two ``[B, T]`` tensors (0 outside the
+    completion masks), from ``adapter.token_logprobs`` (LM head only at the completion positions)."""
+    lp = adapter.token_logprobs(pb.batch, grad=grad, max_batch_size=max_batch_size)
+    return pb.split(lp)
+
+
+def pair_kl(
+    policy: ModelAdapter,
+    reference: ModelAdapter,
+    pb: PreferenceBatch,
+    *,
+    direction: str = "ref||policy",
+    grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL between the reference's and the policy's next-token distributions at every completion
+    position (chunked, ``adapter.kl``): two ``[B, T]`` tensors.
+
+    Args:
+        policy: the model being trained.
+        reference: the frozen reference (same tokenizer).
+        pb: the encoded pairs.
+        direction: ``"ref||policy"`` (TDPO's sequential KL, D_KL(π_ref ‖ π_θ)) or ``"policy||ref"``.
+        grad: keep the graph through the policy.
+    """
+    if direction == "ref||policy":
+        kl = reference.kl(policy, pb.batch, grad_other=grad)
+    elif direction == "policy||ref":
+        kl = policy.kl(reference, pb.batch, grad=grad)
+    else:
+        raise ValueError(f"direction must be 'ref||policy' or 'policy||ref', got {direction!r}")
+    return pb.split(kl)
