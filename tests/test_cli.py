@@ -39,7 +39,7 @@ from tokensmith.report.sections import (
 
 TITLES = ["Model card", "Tokenization across languages", "Per-token log-probs of a chat answer",
           "Which prompt words the answer rests on", "Activation steering",
-          "Token-space search: forcing an answer with GCG"]
+          "Token-space search: forcing an answer with GCG", "Per-token rewards of a preference pair"]
 
 
 @pytest.fixture(autouse=True)

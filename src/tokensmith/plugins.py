@@ -11,7 +11,7 @@ import importlib
 
 __all__ = ["PLUGINS", "load_plugins"]
 
-PLUGINS: tuple[str, ...] = ("tokensmith.attribution", "tokensmith.optimization")
+PLUGINS: tuple[str, ...] = ("tokensmith.attribution", "tokensmith.optimization", "tokensmith.alignment")
 
 
 def load_plugins() -> None:

@@ -13,6 +13,7 @@ Token scorers and the trainer are to come (see docs/guides/alignment.md).
     0.5981
 """
 
+from tokensmith.alignment import report  # noqa: F401  (registers the demo section)
 from tokensmith.alignment.data import PreferenceBatch, PreferencePair, encode_pairs, pair_kl, pair_logprobs
 from tokensmith.alignment.losses import (
     MaskModel,
@@ -23,8 +24,8 @@ from tokensmith.alignment.losses import (
     dpo,
     rto_token_rewards,
     self_contrastive_token_rewards,
-    sparsepo,
     spans_to_token_rewards,
+    sparsepo,
     tdpo,
     token_rewards,
     treg,
