@@ -1,9 +1,10 @@
 """tokensmith.alignment — token-level preference optimization (METHODS.md section 4).
 
-Built so far: the pure per-token losses (:mod:`~tokensmith.alignment.losses`: DPO family with token weights,
+The pure per-token losses (:mod:`~tokensmith.alignment.losses`: DPO family with token weights,
 TDPO, SparsePO, cDPO, T-REG, AlignDistil, RTO token rewards, Text2Grad span rewards) and preference pairs
-encoded jointly through the adapter with their per-token log-probs and KL (:mod:`~tokensmith.alignment.data`).
-Token scorers and the trainer are to come (see docs/guides/alignment.md).
+encoded jointly through the adapter with their per-token log-probs and KL (:mod:`~tokensmith.alignment.data`),
+token scorers (:mod:`~tokensmith.alignment.scorers`) and :class:`TokenPreferenceTrainer` with a per-token
+reference cache (:mod:`~tokensmith.alignment.trainer`) on an offline demo set (:func:`demo_pairs`).
 
     >>> import torch
     >>> from tokensmith.alignment import dpo
@@ -31,6 +32,20 @@ from tokensmith.alignment.losses import (
     treg,
     treg_regularizer,
 )
+from tokensmith.alignment.pairs import demo_pairs
+from tokensmith.alignment.scorers import (
+    AttributionScorer,
+    ContrastiveScorer,
+    CriticalTokens,
+    ExcessLossScorer,
+    ImplicitRewardScorer,
+    TokenScorer,
+    TVDScorer,
+    available_scorers,
+    find_critical_tokens,
+    get_scorer,
+    register_scorer,
+)
 
 __all__ = [
     "PreferencePair",
@@ -52,4 +67,31 @@ __all__ = [
     "aligndistil_loss",
     "rto_token_rewards",
     "spans_to_token_rewards",
+    "TokenScorer",
+    "ContrastiveScorer",
+    "ExcessLossScorer",
+    "ImplicitRewardScorer",
+    "TVDScorer",
+    "AttributionScorer",
+    "register_scorer",
+    "get_scorer",
+    "available_scorers",
+    "find_critical_tokens",
+    "CriticalTokens",
+    "TokenPreferenceTrainer",
+    "ReferenceCache",
+    "LossInputs",
+    "PreferenceCollator",
+    "LOSSES",
+    "demo_pairs",
 ]
+
+_LAZY = {"TokenPreferenceTrainer", "ReferenceCache", "LossInputs", "PreferenceCollator", "LOSSES"}
+
+
+def __getattr__(name: str):  # the trainer imports transformers.Trainer (~2.5 s): only when asked for
+    if name in _LAZY:
+        from tokensmith.alignment import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'tokensmith.alignment' has no attribute {name!r}")

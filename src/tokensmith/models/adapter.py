@@ -853,6 +853,19 @@ class ModelAdapter:
             out = self.forward(inputs, logits_to_keep=1)
         return torch.log_softmax(out.logits[:, -1].float(), -1)
 
+    def same_vocab(self, other: ModelAdapter) -> bool:
+        """Whether ``other`` has exactly this tokenizer's vocabulary (token strings and ids). The comparison is
+        remembered per pair of tokenizers and their lengths (``add_tokens`` changes the length)."""
+        if other.tokenizer is self.tokenizer:
+            return True
+        memo = self.__dict__.setdefault("_vocab_memo", {})
+        sizes = (len(self.tokenizer), len(other.tokenizer))
+        hit = memo.get(id(other.tokenizer))
+        if hit is None or hit[0] is not other.tokenizer or hit[1] != sizes:  # (the object is kept: ids stay unique)
+            hit = (other.tokenizer, sizes, self.tokenizer.get_vocab() == other.tokenizer.get_vocab())
+            memo[id(other.tokenizer)] = hit
+        return hit[2]
+
     def kl(
         self,
         other: ModelAdapter,
@@ -883,7 +896,7 @@ class ModelAdapter:
             ValueError: when the two adapters' tokenizers differ (KL over different vocabularies is
                 meaningless), or the mask marks a row's first real token or padding.
         """
-        if self.tokenizer.get_vocab() != other.tokenizer.get_vocab():
+        if not self.same_vocab(other):
             raise ValueError("KL needs the same tokenizer on both models; these vocabularies differ")
         batch = self.as_batch(inputs)
         ids, am = self._ids_and_mask(batch)
