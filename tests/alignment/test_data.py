@@ -53,3 +53,22 @@ def test_bad_pairs(shared_tiny):
         encode_pairs(ad, [])
     with pytest.raises(TypeError, match="expected a PreferencePair"):
         encode_pairs(ad, [42])
+
+
+def test_fused_logprobs_and_kl_equal_the_separate_calls(shared_tiny):
+    from tokensmith.alignment.data import pair_logprobs_and_kl
+
+    ad, other = shared_tiny("llama"), shared_tiny("llama", seed=1)
+    pb = encode_pairs(ad, PAIRS)
+    f = pair_logprobs_and_kl(ad, other, pb, grad=True)
+    lw, ll = pair_logprobs(ad, pb)
+    rw, rl = pair_logprobs(other, pb)
+    kw, kl = pair_kl(ad, other, pb)
+    for got, ref in ((f["policy"], (lw, ll)), (f["reference"], (rw, rl)), (f["kl"], (kw, kl))):
+        for g, r in zip(got, ref, strict=True):
+            assert torch.allclose(g.detach(), r, atol=2e-5)
+    # gradients flow to the policy only, through both the log-probs and the KL
+    (f["policy"][0].sum() + f["kl"][1].sum()).backward()
+    assert any(p.grad is not None for p in ad.model.parameters())
+    assert all(p.grad is None for p in other.model.parameters())
+    ad.model.zero_grad(set_to_none=True)

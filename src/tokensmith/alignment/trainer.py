@@ -36,7 +36,13 @@ import torch
 import transformers
 
 from tokensmith.alignment import losses as L
-from tokensmith.alignment.data import PreferenceBatch, encode_pairs, pair_kl, pair_logprobs
+from tokensmith.alignment.data import (
+    PreferenceBatch,
+    encode_pairs,
+    pair_kl,
+    pair_logprobs,
+    pair_logprobs_and_kl,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from tokensmith.models.adapter import ModelAdapter
@@ -621,15 +627,26 @@ class TokenPreferenceTrainer(transformers.Trainer):
         """Policy per-token log-probs (with grad), cached (or live) reference log-probs, the loss; stores its
         metrics for the next log."""
         pb: PreferenceBatch = inputs["pb"]
-        lp_w, lp_l = pair_logprobs(self.policy, pb, grad=True)
+        fused = None
+        if self.needs_kl and self.reference is not None:
+            # one forward of each model gives the log-probs and the KL (pair_logprobs + pair_kl would run the
+            # policy twice, with two graphs alive at the backward)
+            fused = pair_logprobs_and_kl(self.policy, self.reference, pb, grad=torch.is_grad_enabled())
+            lp_w, lp_l = fused["policy"]
+        else:
+            lp_w, lp_l = pair_logprobs(self.policy, pb, grad=True)
         dev = lp_w.device
         if "ref_lp_w" in inputs:
             ref_w, ref_l = inputs["ref_lp_w"].to(dev), inputs["ref_lp_l"].to(dev)
+        elif fused is not None:
+            ref_w, ref_l = (t.detach().to(dev) for t in fused["reference"])
         else:
             with self.reference.eval_mode():
                 ref_w, ref_l = (t.to(dev) for t in pair_logprobs(self.reference, pb))
         x = LossInputs(lp_w, lp_l, ref_w, ref_l, pb.mask_w.to(dev), pb.mask_l.to(dev), self.beta, pb, self.policy,
                        self.reference)
+        if fused is not None:
+            x._kl = tuple(t.to(dev) for t in fused["kl"])
         loss, metrics = self.loss_fn(x, **self.loss_kwargs)
         split = "train" if model.training else "eval"
         store = self._stored[split]
