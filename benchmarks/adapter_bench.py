@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proc_memory import malloc_trim, reset_peak_rss, status_kib  # noqa: E402
+from proc_memory import malloc_trim, reset_peak_rss, status_kib, write_results  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -425,16 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": time.perf_counter() - t0,
     }
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = "adapter_bench"
     if args.model != DEFAULT_MODEL or args.quick:
         stem += "_" + re.sub(r"[^a-z0-9]+", "-", args.model.lower()).strip("-") + ("_quick" if args.quick else "")
-    (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=2), encoding="utf-8")
-    md = to_markdown(res)
-    (out_dir / f"{stem}.md").write_text(md, encoding="utf-8")
-    print()
-    print(md)
-    print(f"wrote {out_dir / (stem + '.json')} and .md")
+    write_results(out_dir, stem, res, to_markdown(res))
     return 0
 
 

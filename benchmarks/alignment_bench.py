@@ -58,7 +58,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proc_memory import malloc_trim, reset_peak_rss, status_kib  # noqa: E402
+from proc_memory import malloc_trim, reset_peak_rss, status_kib, write_results  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -539,18 +539,12 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": time.perf_counter() - t0,
     }
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = "alignment_bench"
     if args.model != DEFAULT_MODEL:
         stem += "_" + "".join(c if c.isalnum() else "-" for c in args.model.lower()).strip("-")
     if args.quick:
         stem += "_quick"
-    (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=2), encoding="utf-8")
-    md = to_markdown(res)
-    (out_dir / f"{stem}.md").write_text(md, encoding="utf-8")
-    print()
-    print(md)
-    print(f"wrote {out_dir / (stem + '.json')} and .md")
+    write_results(out_dir, stem, res, to_markdown(res))
     return 0
 
 

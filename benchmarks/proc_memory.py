@@ -43,3 +43,18 @@ def settle_and_reset_peak() -> bool:
     gc.collect()
     malloc_trim()
     return reset_peak_rss()
+
+
+def write_results(out_dir, stem: str, result: dict, markdown: str) -> None:
+    """Write ``<stem>.json`` and ``<stem>.md`` under ``out_dir`` and print the markdown (every benchmark's
+    last step)."""
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (out / f"{stem}.md").write_text(markdown, encoding="utf-8")
+    print()
+    print(markdown)
+    print(f"wrote {out / (stem + '.json')} and .md")
