@@ -19,7 +19,6 @@ when ``save_path`` is given).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -404,15 +403,10 @@ def _propose_filtered(proposer: Proposer, state: SearchState, retokenize: bool, 
             c = c[state.objective.round_trips(c)]
         n_kept += len(c)
         kept.append(c)
-        if n_kept * 2 >= want or not proposer_can_resample(proposer):
+        if n_kept * 2 >= want or not proposer.resample:
             break
     out = torch.cat(kept, 0) if kept else torch.zeros(0, state.n, dtype=torch.long)
     return out, n_prop, n_kept
-
-
-def proposer_can_resample(proposer: Proposer) -> bool:
-    """Deterministic proposers (one candidate per step, e.g. PEZ) are not asked twice."""
-    return getattr(proposer, "resample", True)
 
 
 def _generate_for(objective: Objective, slot_ids: torch.Tensor, max_new_tokens: int) -> str:
@@ -422,7 +416,3 @@ def _generate_for(objective: Objective, slot_ids: torch.Tensor, max_new_tokens: 
     enc = t.render(text, target=None, score_eot=False)
     res = objective.adapter.generate(enc, max_new_tokens=max_new_tokens)
     return res.texts[0]
-
-
-def _config_fields(obj: Any) -> dict[str, Any]:  # pragma: no cover - helper for subclasses
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}

@@ -73,10 +73,13 @@ class Proposer:
     Attributes:
         name: registry name.
         needs_grad: whether :meth:`propose` reads ``state.grad()`` (the loop counts the backward).
+        resample: whether the loop may call :meth:`propose` again in a step when the re-tokenization filter
+            drops more than half the candidates (False for one-candidate proposers such as PEZ and HotFlip).
     """
 
     name = "proposer"
     needs_grad = True
+    resample = True
 
     def setup(self, state: SearchState) -> None:
         """Validate against the problem once, before the first step (raise ValueError on bad settings)."""
