@@ -484,19 +484,6 @@ class RetrieverSimilarity(TemplateObjective):
     def rescore(self, text: str) -> float:
         return float(self.evaluate_texts([text]).loss[0])
 
-    def round_trips(self, slot_ids: torch.Tensor) -> torch.Tensor:
-        """``[N]`` bool: the decoded slot string, rendered through the passage's recipe, gives exactly the
-        passage's ids with these slot ids (the whole passage, so [CLS]/[SEP]-style special tokens and merges
-        with the text around the slot are checked too)."""
-        t = self.template
-        cand = torch.as_tensor(slot_ids, dtype=torch.long).reshape(-1, t.n)
-        full = t.fill(cand)
-        ok = torch.zeros(len(cand), dtype=torch.bool)
-        for k, row in enumerate(cand):
-            ids = t.render(t.decode(row)).input_ids
-            ok[k] = len(ids) == full.shape[1] and torch.equal(ids, full[k])
-        return ok
-
     # ---- rank margin (for adaptive fusion)
     def stability(self, slot_ids: torch.Tensor) -> torch.Tensor:
         """``[N, Q]`` AWF weight σ(−D) of each candidate per query (:func:`awf_ratio`; needs ≥ 2 competitors)."""
