@@ -117,3 +117,12 @@ def test_round_trip_on_wordpiece_keeps_edge_spaces_and_ignores_added_specials():
     bids = benc.input_ids[benc.spans["s"].slice].clone()
     bids[0] = x[0]
     assert decode_slot(btok, benc, "s", bids[None]) == ["x b"]
+
+
+def test_same_vocab_is_remembered_and_sees_added_tokens():
+    a, b = ts.tiny("llama", seed=0), ts.tiny("llama", seed=1)
+    assert a.same_vocab(a) and a.same_vocab(b) and a.same_vocab(b)
+    b.add_tokens(["<zz_added>"])  # the same tokenizer object, one token longer: the remembered answer is stale
+    assert not a.same_vocab(b)
+    with pytest.raises(ValueError, match="same tokenizer"):
+        a.kl(b, a.encode("Hello", target=" world"))

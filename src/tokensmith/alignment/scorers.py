@@ -118,7 +118,6 @@ def get_scorer(name: str | TokenScorer | type[TokenScorer], **kwargs: Any) -> To
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-_VOCAB_OK: dict[tuple[int, int, int, int], tuple[Any, Any]] = {}  # checked pairs (kept alive: ids stay unique)
 
 
 def check_same_tokenizer(
@@ -134,19 +133,15 @@ def check_same_tokenizer(
     """
     if other is policy:
         return
-    ta, tb = policy.tokenizer, other.tokenizer
-    key = (id(ta), id(tb), len(ta), len(tb))
-    if key not in _VOCAB_OK:
-        va, vb = ta.get_vocab(), tb.get_vocab()
-        if va != vb:
-            diff = len(set(va.items()) ^ set(vb.items()))
-            raise ValueError(
-                f"{what} has another tokenizer than {against} ({len(vb)} vs {len(va)} tokens, {diff} (token, id) "
-                "entries differ): token weights live on the policy's tokenization, so every scorer model must use "
-                "the policy's tokenizer — load it from the policy's base checkpoint (or apply the same "
-                "add_tokens), or distil it onto the policy's vocabulary first"
-            )
-        _VOCAB_OK[key] = (ta, tb)
+    if not policy.same_vocab(other):
+        va, vb = policy.tokenizer.get_vocab(), other.tokenizer.get_vocab()
+        diff = len(set(va.items()) ^ set(vb.items()))
+        raise ValueError(
+            f"{what} has another tokenizer than {against} ({len(vb)} vs {len(va)} tokens, {diff} (token, id) "
+            "entries differ): token weights live on the policy's tokenization, so every scorer model must use "
+            "the policy's tokenizer — load it from the policy's base checkpoint (or apply the same "
+            "add_tokens), or distil it onto the policy's vocabulary first"
+        )
     va_n, vb_n = policy.structure.vocab_size, other.structure.vocab_size
     if va_n != vb_n:
         raise ValueError(

@@ -549,7 +549,7 @@ class TokenPreferenceTrainer(transformers.Trainer):
         self.loss_kwargs = dict(loss_kwargs or {})
         if "beta" in self.loss_kwargs:
             raise ValueError("pass beta as the trainer's beta=, not in loss_kwargs")
-        if reference is not None and reference.tokenizer.get_vocab() != policy.tokenizer.get_vocab():
+        if reference is not None and not policy.same_vocab(reference):
             raise ValueError(
                 f"the reference {reference.name!r} has another tokenizer than the policy {policy.name!r}; per-token "
                 "log-probs and KL need the same vocabulary (use the policy's base model as the reference)"

@@ -581,7 +581,7 @@ class Sum(Objective):
 
 
 def _same_vocab(a: ModelAdapter, b: ModelAdapter) -> bool:
-    return a.tokenizer is b.tokenizer or a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
+    return a.same_vocab(b)
 
 
 def multi_prompt(adapter: ModelAdapter, encodings: Sequence[Encoded], slot: str | None = None, **kw: Any) -> Sum:

@@ -20,10 +20,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["ProbeSampling", "rankdata", "spearman"]
 
 
-def _shared_vocab(a: ModelAdapter, b: ModelAdapter) -> bool:
-    return a.tokenizer is b.tokenizer or a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
-
-
 def rankdata(x: torch.Tensor) -> torch.Tensor:
     """Ranks 1..N of a 1-D tensor, ties given the average of the ranks they span (float64).
 
@@ -121,7 +117,7 @@ class ProbeSampling(Objective):
             raise TypeError("ProbeSampling wraps two Objectives (target, draft)")
         if draft.n != target.n:
             raise ValueError(f"the draft's slot has {draft.n} tokens, the target's {target.n}: encode the same example")
-        if draft.adapter is not target.adapter and not _shared_vocab(draft.adapter, target.adapter):
+        if draft.adapter is not target.adapter and not draft.adapter.same_vocab(target.adapter):
             raise ValueError(
                 "the draft model does not share the target's tokenizer, so it cannot score the same slot ids; pick a "
                 "draft model of the same family (same vocabulary)"
