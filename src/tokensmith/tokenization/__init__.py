@@ -1,4 +1,24 @@
-"""tokensmith.tokenization — see docs/ and ../shared/METHODS.md for the planned methods.
+"""tokensmith.tokenization — byte-exact tokenizer view, metrics and reports, token healing, exact
+byte-level probabilities and vocabulary transfer (METHODS.md section 5, DEC-1/DEC-2).
 
-This subpackage is filed as its own issue; it will be built on :mod:`tokensmith.models`.
+See ``docs/guides/tokenization.md``.
 """
+
+from tokensmith.tokenization.tokenizers import TOKENIZERS, load_tokenizer
+from tokensmith.tokenization.view import (
+    ByteEncoding,
+    TokenizerView,
+    bytes_to_unicode,
+    check_homomorphism,
+    utf8_boundaries,
+)
+
+__all__ = [
+    "TOKENIZERS",
+    "ByteEncoding",
+    "TokenizerView",
+    "bytes_to_unicode",
+    "check_homomorphism",
+    "load_tokenizer",
+    "utf8_boundaries",
+]
