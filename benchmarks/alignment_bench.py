@@ -62,7 +62,7 @@ from proc_memory import malloc_trim, reset_peak_rss, status_kib, write_results  
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 RESULTS = Path(__file__).resolve().parent / "results"
-TDPO_VARIANTS = ("ours", "ours-1fwd", "naive")
+TDPO_VARIANTS = ("ours", "ours-1fwd", "ours-chunked", "naive")
 DPO_VARIANTS = ("dpo-ours", "dpo-trl")
 BETA = 0.1
 PROTOCOL = (
@@ -131,6 +131,11 @@ def step_tdpo(variant: str, policy, reference, pairs) -> dict[str, float]:
         with torch.no_grad():
             r_w, r_l = pair_logprobs(reference, pb)
         kl_w, kl_l = pair_kl(policy, reference, pb, grad=True)
+    elif variant == "ours-chunked":
+        from tokensmith.alignment.data import pair_logprobs_and_kl
+
+        f = pair_logprobs_and_kl(policy, reference, pb, grad=True)  # chunked LM head (the default)
+        (lp_w, lp_l), (r_w, r_l), (kl_w, kl_l) = f["policy"], f["reference"], f["kl"]
     elif variant == "ours-1fwd":
         keep = shift_target_mask(tm)
         tgt = ids[tm]
@@ -365,7 +370,7 @@ def summarize(rows: dict[str, dict[str, Any]], V: int) -> dict[str, Any]:
         nv = good["naive" + sfx]
         s["analytic_full_logits_mib"] = nv["rows"] * nv["T"] * V * 4 / 2**20
         s["analytic_completion_logits_mib"] = nv["completion_tokens"] * V * 4 / 2**20
-        for k in ("ours" + sfx, "ours-1fwd" + sfx):
+        for k in ("ours" + sfx, "ours-1fwd" + sfx, "ours-chunked" + sfx):
             if k in good:
                 o = good[k]
                 s[k] = {"memory_ratio_naive_over_ours": nv["peak_extra_mib"] / o["peak_extra_mib"],
@@ -414,6 +419,7 @@ def to_markdown(res: dict[str, Any]) -> str:
     ]
     names = {"ours": "`pair_logprobs` + `pair_kl` + `tdpo` (public path)",
              "ours-1fwd": "one forward per model: `gather_logprobs` + `token_kl` + `tdpo`",
+             "ours-chunked": "`pair_logprobs_and_kl` (chunked LM head, no `[N, V]` logits) + `tdpo`",
              "naive": "naive: full logits, `log_softmax`, KL everywhere, then mask",
              "dpo-ours": "ours: `pair_logprobs` + `dpo`", "dpo-trl": "`trl.DPOTrainer.training_step`"}
 
@@ -436,7 +442,7 @@ def to_markdown(res: dict[str, Any]) -> str:
     if "analytic_full_logits_mib" in s:
         lines += ["", f"One fp32 `[2B, T, V]` logits tensor is {s['analytic_full_logits_mib']:.0f} MiB; the completion "
                   f"positions' logits are {s['analytic_completion_logits_mib']:.0f} MiB."]
-    for k in ("ours", "ours-1fwd", "ours@ckpt", "ours-1fwd@ckpt"):
+    for k in ("ours", "ours-1fwd", "ours-chunked", "ours@ckpt", "ours-1fwd@ckpt", "ours-chunked@ckpt"):
         if k in s:
             x = s[k]
             lines.append(
@@ -485,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--checkpointing", choices=["both", "off", "on"], default=None,
                     help="TDPO part without and/or with gradient checkpointing of the policy (default: both; quick off)")
+    ap.add_argument("--variants", default=",".join(TDPO_VARIANTS),
+                    help="comma-separated TDPO variants to run (default: all; naive is always run)")
     ap.add_argument("--worker", choices=TDPO_VARIANTS + DPO_VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -513,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as d:
         print("(1) TDPO step (one subprocess per variant)", flush=True)
         for ckpt in args.ckpt_modes:
-            for v in TDPO_VARIANTS:
+            chosen = set(args.variants.split(",")) | {"naive"}
+            for v in [v for v in TDPO_VARIANTS if v in chosen]:
                 rows[v + ("@ckpt" if ckpt else "")] = run_variant(args, v, d, ckpt)
         if trl_ok:
             print("(2) DPO step: ours vs TRL", flush=True)
@@ -530,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         "trl": trl_msg,
         "trl_skipped": None if trl_ok else trl_msg,
         "quick": args.quick,
-        "config": {"checkpointing": args.checkpointing, "pairs": args.pairs, "prompt_len": args.prompt_len, "completion_len": args.completion_len,
+        "config": {"variants": args.variants, "checkpointing": args.checkpointing, "pairs": args.pairs, "prompt_len": args.prompt_len, "completion_len": args.completion_len,
                    "repeats": args.repeats, "beta": BETA, "tdpo_variant": 1},
         "protocol": PROTOCOL,
         "rows": rows,

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tokensmith.models import EncodedBatch, gather_logprobs, pad_batch, token_kl
+from tokensmith.models import (
+    EncodedBatch,
+    chunked_head_logprobs,
+    final_hidden,
+    gather_logprobs,
+    pad_batch,
+    token_kl,
+)
 from tokensmith.models.logprobs import shift_target_mask
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -177,14 +184,22 @@ def _completion_logits(adapter: ModelAdapter, pb: PreferenceBatch, keep: torch.T
 
 
 def pair_logprobs_and_kl(
-    policy: ModelAdapter, reference: ModelAdapter, pb: PreferenceBatch, *, grad: bool = True
+    policy: ModelAdapter,
+    reference: ModelAdapter,
+    pb: PreferenceBatch,
+    *,
+    grad: bool = True,
+    head_chunk: int | None = 256,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Policy and reference per-token log-probs and the per-token KL(π_ref ‖ π_θ) from ONE forward of each model.
 
     :func:`pair_logprobs` + :func:`pair_kl` run the policy twice (two autograd graphs alive at the backward);
-    this runs each model once at the completion positions (logits ``[N, V]``, never ``B×T×V``), reads the
-    log-probs off those logits and computes the KL from the same two tensors (``token_kl``: chunked, with a
-    backward that recomputes per chunk). Values equal the separate calls (tested).
+    this runs each model once. With ``head_chunk`` (default) the models run without their LM head and the head
+    is applied ``head_chunk`` completion positions at a time (:func:`tokensmith.models.headchunk
+    .chunked_head_logprobs`, recomputed per chunk in the backward): no ``[N, V]`` logits tensor ever exists.
+    With ``head_chunk=None`` the logits at the completion positions (``[N, V]``) are materialised once and the
+    KL is computed from them by ``token_kl`` (chunked, backward recomputing per chunk). Both equal the
+    separate calls (tested).
 
     Returns:
         ``{"policy": (lp_w, lp_l), "reference": (ref_w, ref_l), "kl": (kl_w, kl_l)}``, each ``[B, T]``.
@@ -196,6 +211,19 @@ def pair_logprobs_and_kl(
         raise ValueError("the reference must share the policy's tokenizer (same vocabulary) for a per-token KL")
     tm = pb.batch.target_mask
     keep = shift_target_mask(tm)
+    if head_chunk is not None and policy.structure.lm_head is not None and reference.structure.lm_head is not None:
+        hp = final_hidden(policy, pb.batch, keep, grad=grad)
+        with reference.eval_mode():
+            hr = final_hidden(reference, pb.batch, keep, grad=False)
+        tgt = pb.batch.input_ids[tm].to(hp.device)
+        with torch.set_grad_enabled(grad):
+            st = chunked_head_logprobs(policy, hp, tgt, reference=reference, h_ref=hr.to(hp.device), chunk=head_chunk)
+            out = {}
+            for k, name in (("policy", "logprobs"), ("reference", "ref_logprobs"), ("kl", "kl")):
+                v = st[name]
+                full = torch.zeros(tm.shape, dtype=torch.float32, device=v.device).masked_scatter(tm.to(v.device), v)
+                out[k] = pb.split(full)
+        return out
     zp = _completion_logits(policy, pb, keep, grad)
     with reference.eval_mode():
         zr = _completion_logits(reference, pb, keep, False).to(zp.device)

@@ -20,6 +20,7 @@ from tokensmith.models.encoding import (
     reencode,
     slot_round_trip,
 )
+from tokensmith.models.headchunk import chunked_head_logprobs, final_hidden
 from tokensmith.models.hooks import ActivationCache, HookContext, HookSession, ablate_fn, patch_fn, steer_fn
 from tokensmith.models.layers import (
     run_layers,
@@ -37,6 +38,8 @@ from tokensmith.models.zoo import available_models, load
 
 __all__ = [
     "ModelAdapter",
+    "final_hidden",
+    "chunked_head_logprobs",
     "GenerationResult",
     "AdapterSpec",
     "ModelStructure",
