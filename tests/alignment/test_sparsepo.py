@@ -73,3 +73,35 @@ def test_masks_learn_under_the_sparsepo_loss(shared_tiny):
         opt.step()
         means.append(float(m[0].detach()[pb.mask_w.bool()].mean()))
     assert means[-1] < 0.5 * means[0], means
+
+
+def test_trainer_trains_and_checkpoints_the_masks(tmp_path):
+    """loss="sparsepo" with SparsePOMasks in loss_kwargs: the mask parameters join the optimiser and change, are
+    saved with each checkpoint, and a run resumed from step 2 (fresh masks object, fresh trainer) ends step 3 with
+    the same masks as the uninterrupted run (the masks and their Adam state are restored)."""
+    transformers = pytest.importorskip("transformers")
+    from tokensmith.alignment.pairs import demo_pairs
+    from tokensmith.alignment.trainer import LOSS_MODULES_FILE, TokenPreferenceTrainer
+
+    ds = demo_pairs(16, seed=0)
+
+    def run(out, masks, resume=None):
+        args = transformers.TrainingArguments(
+            str(out), per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.0,
+            lr_scheduler_type="constant", logging_steps=1, save_strategy="steps", save_steps=2, report_to=[], seed=0,
+            use_cpu=True, disable_tqdm=True, max_steps=3)
+        tr = TokenPreferenceTrainer(ts.tiny("llama"), ref, loss="sparsepo", loss_kwargs={"masks": masks, "l1_u": 0.1},
+                                    args=args, train_dataset=ds, chat=False)
+        tr.train(resume_from_checkpoint=resume)
+        return {k: v.clone() for k, v in masks.state_dict().items()}
+
+    ref = ts.tiny("llama")
+    masks = SparsePOMasks(ref, layers=[1])
+    before = {k: v.clone() for k, v in masks.state_dict().items()}
+    full = run(tmp_path / "a", masks)
+    assert any(not torch.equal(before[k], full[k]) for k in before)  # the masks trained
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    assert (ckpt / LOSS_MODULES_FILE).exists()
+    resumed = run(tmp_path / "b", SparsePOMasks(ref, layers=[1]), resume=str(ckpt))
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-5)

@@ -15,7 +15,14 @@ reference cache (:mod:`~tokensmith.alignment.trainer`) on an offline demo set (:
 """
 
 from tokensmith.alignment import report  # noqa: F401  (registers the demo section)
-from tokensmith.alignment.data import PreferenceBatch, PreferencePair, encode_pairs, pair_kl, pair_logprobs
+from tokensmith.alignment.data import (
+    PreferenceBatch,
+    PreferencePair,
+    encode_pairs,
+    pair_kl,
+    pair_logprobs,
+    pair_logprobs_and_kl,
+)
 from tokensmith.alignment.losses import (
     MaskModel,
     aligndistil_loss,
@@ -46,6 +53,7 @@ from tokensmith.alignment.scorers import (
     get_scorer,
     register_scorer,
 )
+from tokensmith.alignment.sparsepo import SparsePOMasks
 
 __all__ = [
     "PreferencePair",
@@ -83,15 +91,30 @@ __all__ = [
     "LossInputs",
     "PreferenceCollator",
     "LOSSES",
+    "PEFT_DISABLED",
+    "peft_disabled_reference",
+    "TokenDPOTrainer",
+    "TRLLossInputs",
+    "check_trl_version",
+    "SparsePOMasks",
+    "pair_logprobs_and_kl",
     "demo_pairs",
 ]
 
-_LAZY = {"TokenPreferenceTrainer", "ReferenceCache", "LossInputs", "PreferenceCollator", "LOSSES"}
+_LAZY = {
+    "TokenPreferenceTrainer", "ReferenceCache", "LossInputs", "PreferenceCollator", "LOSSES", "PEFT_DISABLED",
+    "peft_disabled_reference",
+}
+_LAZY_TRL = {"TokenDPOTrainer", "TRLLossInputs", "check_trl_version"}
 
 
-def __getattr__(name: str):  # the trainer imports transformers.Trainer (~2.5 s): only when asked for
+def __getattr__(name: str):  # the trainers import transformers.Trainer / trl (seconds): only when asked for
     if name in _LAZY:
         from tokensmith.alignment import trainer
 
         return getattr(trainer, name)
+    if name in _LAZY_TRL:
+        from tokensmith.alignment import trl
+
+        return getattr(trl, name)
     raise AttributeError(f"module 'tokensmith.alignment' has no attribute {name!r}")

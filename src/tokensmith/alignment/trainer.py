@@ -18,6 +18,11 @@ Two pieces:
   steps and logged. Saving, checkpointing and ``resume_from_checkpoint`` are HF Trainer's own; the reference
   cache lives under ``output_dir/reference_cache`` (by default) and is reloaded by a resumed run.
 
+The reference may be the policy itself with its PEFT adapter disabled (``reference="peft-disabled"``,
+:data:`PEFT_DISABLED`; ``peft`` is an optional extra): :func:`peft_disabled_reference` gives an adapter whose
+model runs the policy's ``PeftModel`` under ``disable_adapter()``, cached like a separate reference (its digest
+covers the base weights only, so a resumed run finds its cache although the adapter has trained).
+
 Why only log-probs are cached: KL terms (TDPO, SparsePO) need the reference's full next-token distribution at
 every completion position (B·T·V floats); caching a top-k approximation is left out, so those losses run the
 reference forward live (no grad) and keep the cached log-probs for the reward term.
@@ -25,6 +30,7 @@ reference forward live (no grad) and keep the cached log-probs for the reward te
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -57,6 +63,8 @@ __all__ = [
     "model_digest",
     "tokenizer_digest",
     "normalize_encoding",
+    "PEFT_DISABLED",
+    "peft_disabled_reference",
 ]
 
 _FORMAT = "tokensmith.reference_cache/1"
@@ -97,13 +105,17 @@ def dataset_fingerprint(dataset: Any) -> str:
 def model_digest(adapter: ModelAdapter, sample: int = 1024) -> str:
     """``name|config-hash|weights-digest`` of an adapter's model.
 
-    The config hash is over the config's JSON (sorted keys). The weights digest is cheap rather than
+    The config hash is over the config's JSON (sorted keys; without ``use_cache``, which does not change outputs
+    and which ``transformers.Trainer`` flips on the model it trains — the policy, when the reference is the
+    policy with its PEFT adapter disabled). The weights digest is cheap rather than
     exhaustive: per parameter (sorted by name) its name, shape, dtype, float64 sum and ``sample`` evenly strided
     elements — it tells apart different seeds and fine-tunes, at a cost independent of model size beyond one
     sum per tensor. An edit that keeps every sum and every sampled element could go unnoticed.
     """
     cfg = getattr(adapter.model, "config", None)
-    cfg_json = json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else {}, sort_keys=True, default=str)
+    cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+    cfg_dict.pop("use_cache", None)  # a runtime flag (transformers.Trainer sets it False on the model it trains)
+    cfg_json = json.dumps(cfg_dict, sort_keys=True, default=str)
     h = hashlib.blake2b(digest_size=16)
     with torch.no_grad():
         for name, p in sorted(adapter.model.named_parameters(), key=lambda kv: kv[0]):
@@ -415,7 +427,8 @@ def _sparsepo(
     if masks is None:
         raise ValueError(
             "loss='sparsepo' needs loss_kwargs={'masks': fn}, fn(inputs: LossInputs) -> (m_u_w, m_u_l, m_d_w, m_d_l) "
-            "[B, T] tensors (e.g. a MaskModel over reference hidden states read with inputs.reference.hooks)"
+            "[B, T] tensors, e.g. {'masks': SparsePOMasks(reference)} (tokensmith.alignment.sparsepo: learned masks over "
+            "the reference's hidden states, trained with the policy)"
         )
     m = masks(x)
     if len(m) != 4:
@@ -423,6 +436,8 @@ def _sparsepo(
     kw_, kl_ = x.kl()
     return L.sparsepo(x.pol_lp_w, x.pol_lp_l, x.ref_lp_w, x.ref_lp_l, x.mask_w, x.mask_l, kw_, kl_, *m, beta=x.beta, **kw)
 
+
+LOSS_MODULES_FILE = "loss_modules.pt"
 
 #: name → (loss function over :class:`LossInputs`, whether it needs the per-token KL / a live reference)
 LOSSES: dict[str, tuple[Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]], bool]] = {
@@ -434,6 +449,107 @@ LOSSES: dict[str, tuple[Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor
     "tdpo2": (_tdpo2, True),
     "sparsepo": (_sparsepo, True),
 }
+
+
+# ------------------------------------------------------------------------------------------------ PEFT reference
+#: ``TokenPreferenceTrainer(policy, reference=PEFT_DISABLED)``: the reference is the policy with its PEFT adapter
+#: disabled (the base model the adapter was added to).
+PEFT_DISABLED = "peft-disabled"
+
+
+class _AdapterDisabledModel:
+    """A ``peft.PeftModel`` seen with its adapters disabled: every forward (and ``generate``) runs inside
+    ``PeftModel.disable_adapter()``; ``named_parameters``/``parameters`` list the base weights only (not the
+    adapter's, whose names carry an adapter name such as ``default``). Everything else is the PeftModel's."""
+
+    def __init__(self, peft_model: Any) -> None:
+        self.peft_model = peft_model
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "peft_model":  # not set yet (copy / unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.peft_model, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.peft_model.disable_adapter():
+            return self.peft_model(*args, **kwargs)
+
+    forward = __call__
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        with self.peft_model.disable_adapter():
+            return self.peft_model.generate(*args, **kwargs)
+
+    @property
+    def training(self) -> bool:
+        return self.peft_model.training
+
+    def eval(self) -> _AdapterDisabledModel:
+        self.peft_model.eval()
+        return self
+
+    def train(self, mode: bool = True) -> _AdapterDisabledModel:
+        self.peft_model.train(mode)
+        return self
+
+    def _is_adapter_param(self, name: str) -> bool:
+        parts = set(name.split("."))
+        return any(a in parts for a in self.peft_model.peft_config)
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Any:
+        return ((n, p) for n, p in self.peft_model.named_parameters(*args, **kwargs) if not self._is_adapter_param(n))
+
+    def parameters(self, *args: Any, **kwargs: Any) -> Any:
+        return (p for _, p in self.named_parameters(*args, **kwargs))
+
+
+def peft_disabled_reference(policy: ModelAdapter) -> ModelAdapter:
+    """The policy with its PEFT adapter disabled, as a reference adapter (what ``reference="peft-disabled"`` uses).
+
+    A shallow copy of ``policy`` (same tokenizer, structure, position scheme) whose ``model`` runs the policy's
+    ``peft.PeftModel`` under ``disable_adapter()``: log π_ref(y_t∣x, y<t) is the base model's, whatever the
+    adapter has learnt, at the memory cost of no second model. Per-token KL works too: the policy's forward and
+    the reference's are separate calls, only the reference's with the adapter off.
+
+    Args:
+        policy: an adapter whose ``model`` is a ``peft.PeftModel`` (``ts.ModelAdapter(peft.get_peft_model(model,
+            config), tokenizer)``) that trains only its adapter weights.
+
+    Raises:
+        ImportError: ``peft`` is not installed.
+        ValueError: the model is not a ``PeftModel`` (no PEFT adapter), or it trains weights outside the adapter
+            (e.g. ``LoraConfig(bias="all")``), which disabling the adapter would not undo.
+    """
+    try:
+        import peft
+    except ImportError as e:
+        raise ImportError("reference='peft-disabled' needs peft: pip install 'tokensmith[peft]'") from e
+    model = policy.model
+    if not isinstance(model, peft.PeftModel):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+            hint = ("it has PEFT layers but is not the PeftModel: build the policy adapter on the model "
+                    "peft.get_peft_model returned, ts.ModelAdapter(peft_model, tokenizer)")
+        else:
+            hint = ("add one first: peft_model = peft.get_peft_model(model, peft.LoraConfig(...)); "
+                    "policy = ts.ModelAdapter(peft_model, tokenizer); or pass a separate reference adapter")
+        raise ValueError(
+            f"reference={PEFT_DISABLED!r} needs a policy whose model is a peft.PeftModel, got "
+            f"{type(model).__name__} (no PEFT adapter); {hint}"
+        )
+    view = _AdapterDisabledModel(model)
+    trained = [n for n, p in view.named_parameters() if p.requires_grad]
+    if trained:
+        raise ValueError(
+            f"reference={PEFT_DISABLED!r}: the policy trains {len(trained)} parameter(s) outside its PEFT adapter "
+            f"(e.g. {trained[0]!r}; LoraConfig(bias='all'/'lora_only')?), which disabling the adapter does not undo, "
+            "so the reference would drift: freeze them or pass a separate reference adapter"
+        )
+    ref = copy.copy(policy)
+    ref.model = view  # type: ignore[assignment]
+    ref.name = f"{policy.name}[{PEFT_DISABLED}]"
+    return ref
 
 
 # ------------------------------------------------------------------------------------------------ collator
@@ -465,6 +581,18 @@ class PreferenceCollator:
 
 
 # ------------------------------------------------------------------------------------------------ trainer
+class _ZeroLossModuleGrads(transformers.TrainerCallback):
+    """``transformers.Trainer`` zeroes ``model``'s gradients after each optimiser step, not those of the loss
+    modules (their parameters are not the model's): without this they would accumulate across steps."""
+
+    def __init__(self, trainer: TokenPreferenceTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for m in self.trainer.loss_modules.values():
+            m.zero_grad(set_to_none=True)
+
+
 class TokenPreferenceTrainer(transformers.Trainer):
     """Preference optimisation with any token-level loss of :mod:`tokensmith.alignment.losses`, as a thin layer
     over ``transformers.Trainer`` (its loop, optimiser, scheduler, logging, checkpointing and resume).
@@ -476,8 +604,10 @@ class TokenPreferenceTrainer(transformers.Trainer):
     Args:
         policy: the model to train (a :class:`~tokensmith.models.ModelAdapter`; its ``.model`` is the Trainer's
             model).
-        reference: the frozen reference adapter (same tokenizer), or None to train from ``reference_cache`` only
-            (then losses that need the KL are refused).
+        reference: the frozen reference adapter (same tokenizer); ``"peft-disabled"`` (:data:`PEFT_DISABLED`):
+            the policy with its PEFT adapter disabled (the policy's model must be a ``peft.PeftModel``, see
+            :func:`peft_disabled_reference`); or None to train from ``reference_cache`` only (then losses that
+            need the KL are refused).
         loss: a name in :data:`LOSSES` (``"dpo"``, ``"ipo"``, ``"hinge"``, ``"tdpo"``/``"tdpo1"``, ``"tdpo2"``,
             ``"sparsepo"``) or a callable ``fn(inputs: LossInputs, **loss_kwargs) -> (loss, metrics)``.
         loss_kwargs: extra keyword arguments of the loss (e.g. ``{"alpha": 0.5}``, ``{"label_smoothing": 0.1}``).
@@ -501,7 +631,7 @@ class TokenPreferenceTrainer(transformers.Trainer):
 
     Raises:
         ValueError: β <= 0, a reference with another tokenizer, a KL loss without a reference, an unknown loss
-            name, a cache whose key differs.
+            name, a cache whose key differs, ``"peft-disabled"`` with a policy that has no PEFT adapter.
 
     Examples:
         >>> import tokensmith as ts, transformers, tempfile                   # doctest: +SKIP
@@ -518,7 +648,7 @@ class TokenPreferenceTrainer(transformers.Trainer):
     def __init__(
         self,
         policy: ModelAdapter,
-        reference: ModelAdapter | None = None,
+        reference: ModelAdapter | str | None = None,
         *,
         loss: str | Callable[..., Any] = "dpo",
         loss_kwargs: Mapping[str, Any] | None = None,
@@ -538,6 +668,10 @@ class TokenPreferenceTrainer(transformers.Trainer):
         **trainer_kwargs: Any,
     ) -> None:
         L._check_beta(beta)
+        if isinstance(reference, str):
+            if reference != PEFT_DISABLED:
+                raise ValueError(f"reference must be an adapter, None or {PEFT_DISABLED!r}, got {reference!r}")
+            reference = peft_disabled_reference(policy)
         if isinstance(loss, str):
             if loss not in LOSSES:
                 raise ValueError(f"unknown loss {loss!r}; use one of {sorted(LOSSES)} or a callable")
@@ -568,7 +702,7 @@ class TokenPreferenceTrainer(transformers.Trainer):
         )
         self.encoding = enc
         args.remove_unused_columns = False
-        if reference is not None:
+        if reference is not None and not isinstance(reference.model, _AdapterDisabledModel):
             for p in reference.model.parameters():
                 p.requires_grad_(False)
 
@@ -609,6 +743,50 @@ class TokenPreferenceTrainer(transformers.Trainer):
             eval_dataset=eval_dataset,
             **trainer_kwargs,
         )
+        if self.loss_modules:
+            self.add_callback(_ZeroLossModuleGrads(self))
+
+    # ---------------------------------------------------------------- trainable loss modules (SparsePO masks)
+    @property
+    def loss_modules(self) -> dict[str, torch.nn.Module]:
+        """``nn.Module`` values of ``loss_kwargs`` (e.g. ``{"masks": SparsePOMasks(...)}``): trained with the policy
+        (their parameters join the optimiser as their own parameter group, weight decay 0, zeroed after every
+        optimiser step, not included in ``max_grad_norm`` clipping) and saved with every checkpoint as
+        ``loss_modules.pt`` (restored on ``train(resume_from_checkpoint=...)``)."""
+        return {k: v for k, v in self.loss_kwargs.items() if isinstance(v, torch.nn.Module)}
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        opt = super().create_optimizer() if model is None else super().create_optimizer(model)
+        extra = [p for m in self.loss_modules.values() for p in m.parameters() if p.requires_grad]
+        if extra and not any(any(p is q for q in g["params"]) for g in opt.param_groups for p in extra[:1]):
+            dev = self.policy.device
+            for m in self.loss_modules.values():
+                m.to(dev)
+            opt.add_param_group({"params": extra, "weight_decay": 0.0, "lr": self.args.learning_rate})
+        return opt
+
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        super()._save(output_dir, state_dict)
+        mods = self.loss_modules
+        if mods:
+            out = output_dir if output_dir is not None else self.args.output_dir
+            torch.save({k: m.state_dict() for k, m in mods.items()}, os.path.join(out, LOSS_MODULES_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        mods = self.loss_modules
+        path = os.path.join(resume_from_checkpoint, LOSS_MODULES_FILE)
+        if mods:
+            if not os.path.exists(path):
+                raise ValueError(
+                    f"{resume_from_checkpoint} has no {LOSS_MODULES_FILE}: it was not saved by a trainer with the "
+                    f"loss modules {sorted(mods)} (resuming would restart them from scratch)"
+                )
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            for k, m in mods.items():
+                if k not in saved:
+                    raise ValueError(f"{path} holds loss modules {sorted(saved)}, not {k!r}")
+                m.load_state_dict(saved[k])
 
     def _get_cache(self, ds: Any, cache_dir: Any, args: Any, bs: int) -> ReferenceCache:
         d = cache_dir if cache_dir is not None else os.path.join(args.output_dir, "reference_cache")

@@ -106,7 +106,7 @@ class ModelAdapter:
         self.structure: ModelStructure = discover(model, spec)
         self.structure.embed_scale = measure_embed_scale(self.structure.embed)
         self.batcher = MicroBatcher()
-        self._fwd_params = set(inspect.signature(model.forward).parameters)
+        self._fwd_params = _forward_params(model)
         self._validated: dict[str, Any] = {}
         self.pooling_config: Any = None  # set by ts.load for sentence encoders (pooling.PoolingConfig)
         if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None) is not None:
@@ -1280,6 +1280,21 @@ class ModelAdapter:
             yield self
         finally:
             self.model.train(was)
+
+
+def _forward_params(model: nn.Module) -> set[str]:
+    """Names ``model.forward`` accepts. A wrapper whose forward takes ``**kwargs`` and passes them on to a wrapped
+    model (PEFT's ``PeftModel``: ``get_base_model()``) also accepts the wrapped model's names (``position_ids``,
+    ``logits_to_keep``, ...)."""
+    sig = inspect.signature(model.forward)
+    names = set(sig.parameters)
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    base = getattr(model, "get_base_model", None)
+    if var_kw and callable(base):
+        inner = base()
+        if inner is not model:
+            names |= set(inspect.signature(inner.forward).parameters)
+    return names
 
 
 def _first_tensor_of(x: Any) -> torch.Tensor:
