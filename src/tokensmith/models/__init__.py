@@ -4,7 +4,7 @@ Entry points: :func:`load` (bundled offline models or any HF model), :func:`tiny
 for tests), and :class:`ModelAdapter` (wrap a model + tokenizer you already have).
 """
 
-from tokensmith.models import kvcache
+from tokensmith.models import kvcache, masking, rerotate
 from tokensmith.models.adapter import GenerationResult, ModelAdapter
 from tokensmith.models.attention import AttentionProbe
 from tokensmith.models.batching import MicroBatcher
@@ -30,7 +30,9 @@ from tokensmith.models.layers import (
     truncate_layers,
 )
 from tokensmith.models.logprobs import gather_logprobs, masked_mean, masked_sum, token_kl
+from tokensmith.models.masking import MaskContext, attention_override, local_window, separator_mask
 from tokensmith.models.norms import AttentionNorms, NormForm, attention_norms, norm_form
+from tokensmith.models.rerotate import RerotateResult, rerotate_cache
 from tokensmith.models.structure import AdapterSpec, ModelStructure, StructureError, discover
 from tokensmith.models.tiny import tiny
 from tokensmith.models.vocab import allowed_token_mask, nearest_tokens, soft_embed
@@ -39,6 +41,12 @@ from tokensmith.models.zoo import available_models, load
 __all__ = [
     "ModelAdapter",
     "final_hidden",
+    "attention_override",
+    "local_window",
+    "separator_mask",
+    "MaskContext",
+    "rerotate_cache",
+    "RerotateResult",
     "chunked_head_logprobs",
     "GenerationResult",
     "AdapterSpec",
@@ -74,6 +82,8 @@ __all__ = [
     "soft_embed",
     "insert_embeddings",
     "kvcache",
+    "masking",
+    "rerotate",
     "run_layers",
     "skip_layers",
     "truncate_layers",

@@ -1092,6 +1092,19 @@ class ModelAdapter:
             raise ValueError(f"steering vector has size {v.shape[-1]}, the residual stream has {self.structure.hidden_size}")
         return self.hooks(edit=[(name, steer_fn(v, alpha, positions, renorm))])
 
+    def attention_override(self, mask: Any, layers: Iterable[int] | None = None) -> Any:
+        """Context manager ANDing an attention-mask override into every forward and ``generate`` (see
+        :func:`tokensmith.models.masking.attention_override`)."""
+        from tokensmith.models.masking import attention_override
+
+        return attention_override(self, mask, layers)
+
+    def rerotate_cache(self, cache: Any, new_positions: Any = "compact", **kw: Any) -> Any:
+        """Re-apply RoPE to cached keys for new positions (see :func:`tokensmith.models.rerotate.rerotate_cache`)."""
+        from tokensmith.models.rerotate import rerotate_cache
+
+        return rerotate_cache(self, cache, new_positions, **kw)
+
     def capture_attention(self, layers: Iterable[int] | None = None, rows: Any = None) -> AttentionProbe:
         """Record attention probabilities ``softmax(q kᵀ·s + mask)`` for ``layers`` only (others keep SDPA).
 
