@@ -4,6 +4,23 @@ byte-level probabilities and vocabulary transfer (METHODS.md section 5, DEC-1/DE
 See ``docs/guides/tokenization.md``.
 """
 
+from tokensmith.tokenization.bytes import (
+    ByteEnsemble,
+    ByteGeneration,
+    ByteLM,
+    TokenizationBias,
+    byte_ensemble,
+    byte_generate,
+    canonical_options,
+    split_incomplete_utf8,
+    tokenization_bias,
+)
+from tokensmith.tokenization.healing import (
+    HealingResult,
+    PrefixConstraintLogitsProcessor,
+    allowed_token_mask_for,
+    token_healing_generate,
+)
 from tokensmith.tokenization.tokenizers import TOKENIZERS, load_tokenizer
 from tokensmith.tokenization.view import (
     ByteEncoding,
@@ -14,6 +31,19 @@ from tokensmith.tokenization.view import (
 )
 
 __all__ = [
+    "ByteLM",
+    "ByteEnsemble",
+    "ByteGeneration",
+    "TokenizationBias",
+    "byte_ensemble",
+    "byte_generate",
+    "canonical_options",
+    "split_incomplete_utf8",
+    "tokenization_bias",
+    "HealingResult",
+    "PrefixConstraintLogitsProcessor",
+    "allowed_token_mask_for",
+    "token_healing_generate",
     "TOKENIZERS",
     "ByteEncoding",
     "TokenizerView",

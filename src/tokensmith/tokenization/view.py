@@ -23,7 +23,8 @@ Supported families (``view.family``):
 ``decode_bytes(encode(text).ids) == text.encode()`` held, and it is False when some byte has no token
 (``view.missing_bytes``, bytes that can occur in UTF-8 text): SmolLM2's byte-level vocabulary lacks six
 control bytes (``\\x04 \\x06 \\x13 \\x14 \\x16 \\x1d``) and the lead bytes ``\\xf1 \\xf2`` (characters in
-planes 4-12), which its tokenizer silently drops. Offsets stay exact there (the dropped bytes fall between tokens).
+planes 4-12), which its tokenizer silently drops. Offsets stay exact there: a dropped byte falls between tokens
+or inside the span of the token that merged across it.
 
 Example:
     >>> from tokensmith.tokenization.view import TokenizerView
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -60,6 +62,7 @@ __all__ = [
     "utf8_boundaries",
 ]
 
+_SHARED: weakref.WeakKeyDictionary[Any, tuple[int | None, TokenizerView]] = weakref.WeakKeyDictionary()
 _NOT_UTF8 = frozenset([0xC0, 0xC1, *range(0xF5, 0x100)])  # bytes that never occur in valid UTF-8
 _PROBE = "Héllo  wörld\t— 😀👍🏽 中文字 e\u0301 <|im_start|> [SEP] 12345\n\n  end"
 
@@ -427,11 +430,48 @@ class TokenizerView:
         return list(self._by_bytes.get(bytes(b), ()))
 
     # ------------------------------------------------------------------ encode / decode
+    @classmethod
+    def of(cls, tokenizer: Any) -> TokenizerView:
+        """One shared view per tokenizer object (building one takes about a second for a 49k vocabulary);
+        rebuilt when the tokenizer's length changes (``add_tokens``). Accepts a view (returned as is), a
+        tokenizer or an adapter.
+
+        Example:
+            >>> from tokensmith.models.zoo import smollm2_tokenizer
+            >>> tok = smollm2_tokenizer()
+            >>> TokenizerView.of(tok) is TokenizerView.of(tok)
+            True
+        """
+        if isinstance(tokenizer, TokenizerView):
+            return tokenizer
+        if hasattr(tokenizer, "tokenizer") and hasattr(tokenizer, "model") and hasattr(tokenizer, "encode"):
+            tokenizer = tokenizer.tokenizer  # a ModelAdapter
+        n = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+        try:
+            hit = _SHARED.get(tokenizer)
+        except TypeError:  # not weak-referenceable
+            return cls(tokenizer)
+        if hit is not None and hit[0] == n:
+            return hit[1]
+        view = cls(tokenizer)
+        _SHARED[tokenizer] = (n, view)
+        return view
+
+    def encode_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids only (no offsets, no specials added, special-token strings as text), one batched call:
+        the fast path for code that encodes many strings."""
+        texts = list(texts)
+        if not texts:
+            return []
+        return self._encode_ids(texts, False)
+
     def _encode_ids(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
         if self._tk is not None:
             return [list(self._tk.encode_ordinary(t)) for t in texts]
         assert self._bt is not None
-        return [e.ids for e in self._bt.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        fast = getattr(self._bt, "encode_batch_fast", None) if not add_special_tokens else None
+        encs = (fast or self._bt.encode_batch)(list(texts), add_special_tokens=add_special_tokens)
+        return [e.ids for e in encs]
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> ByteEncoding:
         """Encode ``text`` with exact byte offsets (see :class:`ByteEncoding`)."""
@@ -480,14 +520,21 @@ class TokenizerView:
         return out
 
     def _align_skipping(self, ids: Sequence[int], data: bytes) -> list[tuple[int, int]]:
-        """Exact spans when the tokenizer silently drops bytes it has no token for."""
+        """Spans when the tokenizer silently drops bytes it has no token for. A dropped byte may sit *inside* a
+        token (``":\\x16:"`` becomes the one token ``"::"``): the token's span then covers it."""
         offs, p = [], 0
+        miss = self.missing_bytes
         for i in ids:
             tb = self._token_bytes[i]
-            while tb and p < len(data) and data[p] in self.missing_bytes and data[p : p + len(tb)] != tb:
+            while tb and p < len(data) and data[p] in miss and data[p] != tb[0]:
                 p += 1
-            offs.append((p, p + len(tb)))
-            p += len(tb)
+            start = q = p
+            for b in tb:
+                while q < len(data) and data[q] != b and data[q] in miss:
+                    q += 1
+                q += 1
+            offs.append((start, q))
+            p = q
         return offs
 
     def _cumulative(self, ids: Sequence[int], start: int) -> list[tuple[int, int]]:
@@ -617,7 +664,7 @@ class TokenizerView:
         Byte-level BPE: start from single bytes (as byte-map characters) and repeatedly merge the adjacent
         pair of lowest merge rank; tiktoken: merge the adjacent pair whose concatenation has the lowest
         rank. This is the tokenizer's model step *within* a pre-token; :meth:`encode` runs the
-        pre-tokenizer too.
+        pre-tokenizer too. Bytes without a token (``missing_bytes``) are dropped first, as the tokenizer does.
 
         Example:
             >>> from tokensmith.models.zoo import smollm2_tokenizer
@@ -644,7 +691,7 @@ class TokenizerView:
         assert self._byte_map is not None
         fwd = bytes_to_unicode()
         vocab = self._model_spec.get("vocab") or {}
-        syms = [fwd[b] for b in word]
+        syms = [fwd[b] for b in word if fwd[b] in vocab]  # bytes without a token are dropped, as the tokenizer does
         s = "".join(syms)
         if self._model_spec.get("ignore_merges") and s in vocab:
             return [vocab[s]]
