@@ -30,12 +30,12 @@ from tokensmith.report import html as H
 from tokensmith.report.sections import (
     HEATMAP_ANSWER,
     HEATMAP_QUESTION,
-    SENTENCES,
     STEER_NEGATIVE,
     STEER_POSITIVE,
     STEER_PROMPT,
     _mean_resid,
 )
+from tokensmith.tokenization.demo import SENTENCES
 
 TITLES = ["Model card", "Tokenization across languages", "Per-token log-probs of a chat answer",
           "Which prompt words the answer rests on", "Activation steering",

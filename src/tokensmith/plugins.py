@@ -11,7 +11,9 @@ import importlib
 
 __all__ = ["PLUGINS", "load_plugins"]
 
-PLUGINS: tuple[str, ...] = ("tokensmith.attribution", "tokensmith.optimization", "tokensmith.alignment")
+PLUGINS: tuple[str, ...] = (
+    "tokensmith.tokenization", "tokensmith.attribution", "tokensmith.optimization", "tokensmith.alignment",
+)
 
 
 def load_plugins() -> None:

@@ -13,8 +13,9 @@ ordered by ``order``:
 without parsing HTML. Sections that need a capability the model lacks (``requires=("generate",)``,
 names from ``adapter.capabilities()["features"]``) are skipped with a note.
 
-The built-in sections (the ``tokensmith demo`` report) are: model card, multilingual tokenization,
-per-token log-prob heatmap of a chat answer, and activation steering.
+The built-in sections here are generic: model card, per-token log-prob heatmap of a chat answer, and
+activation steering. Each subpackage registers its own section when imported (see :mod:`tokensmith.plugins`):
+tokenization across languages (``tokensmith.tokenization.demo``), attribution, token-space search, alignment.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ __all__ = [
     "register_section",
     "unregister_section",
     "registered_sections",
-    "SENTENCES",
     "HEATMAP_QUESTION",
     "HEATMAP_ANSWER",
     "STEER_POSITIVE",
@@ -230,114 +230,6 @@ def model_card(adapter: ModelAdapter, ctx: ReportContext) -> Section:
         "load_seconds": ctx.load_seconds,
     }
     return Section("Model card", body, summary, data)
-
-
-# ----------------------------------------------------------------------------------------------
-# b. multilingual tokenization
-# ----------------------------------------------------------------------------------------------
-
-# One sentence with the same meaning in eight languages (translated for this demo).
-SENTENCES: dict[str, tuple[str, str]] = {
-    "en": ("English", "The weather is nice today, so we are going to the park with our friends."),
-    "fr": ("French", "Il fait beau aujourd'hui, alors nous allons au parc avec nos amis."),
-    "de": ("German", "Das Wetter ist heute schön, also gehen wir mit unseren Freunden in den Park."),
-    "es": ("Spanish", "Hoy hace buen tiempo, así que vamos al parque con nuestros amigos."),
-    "ru": ("Russian", "Сегодня хорошая погода, поэтому мы идём в парк с друзьями."),
-    "zh": ("Chinese", "今天天气很好，所以我们和朋友们一起去公园。"),
-    "ar": ("Arabic", "الطقس جميل اليوم، لذلك سنذهب إلى الحديقة مع أصدقائنا."),
-    "hi": ("Hindi", "आज मौसम अच्छा है, इसलिए हम अपने दोस्तों के साथ पार्क जा रहे हैं।"),
-}
-
-
-def token_chips(tokenizer: Any, ids: list[int], text: str, offsets: list[tuple[int, int]], special=None) -> str:
-    """Tokens of ``text`` as coloured chips (decoded per token; split characters underlined)."""
-    out = []
-    for p in token_pieces(tokenizer, ids, text, offsets, special):
-        inner = "".join(
-            f'<span class="frag">{H.token_text(t)}</span>' if frag else H.token_text(t) for t, frag, _ in p.parts
-        )
-        color = "#e5e7eb" if p.special else H.CHIP_PALETTE[p.index % len(H.CHIP_PALETTE)]
-        out.append(H.chip(inner, title=p.tooltip(), color=color))
-    return '<div class="chips" dir="ltr">' + "".join(out) + "</div>"
-
-
-@register_section("tokenization", order=20, title="Tokenization across languages")
-def tokenization(adapter: ModelAdapter, ctx: ReportContext) -> Section:
-    tok = adapter.tokenizer
-    rows_data = []
-    chips = []
-    for code, (lang, text) in SENTENCES.items():
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        offs = [tuple(o) for o in enc["offset_mapping"]]
-        pieces = token_pieces(tok, ids, text, offs)
-        nb = [p.nbytes for p in pieces]
-        n_bytes = len(text.encode("utf-8"))
-        bytes_ok = all(b is not None for b in nb) and sum(nb) == n_bytes  # type: ignore[arg-type]
-        split_chars = sum(1 for p in pieces if p.has_fragment)
-        rows_data.append(
-            {
-                "code": code,
-                "language": lang,
-                "text": text,
-                "tokens": len(ids),
-                "chars": len(text),
-                "bytes": n_bytes,
-                "chars_per_token": len(text) / max(len(ids), 1),
-                "bytes_per_token": n_bytes / max(len(ids), 1),
-                "tokens_with_split_chars": split_chars,
-                "bytes_reconstructed": bytes_ok,
-            }
-        )
-        chips.append(
-            f"<h3>{H.esc(lang)} <span class='muted'>({len(ids)} tokens)</span></h3>"
-            f'<p dir="auto" class="muted">{H.esc(text)}</p>' + token_chips(tok, ids, text, offs)
-        )
-    n_en = rows_data[0]["tokens"]
-    for r in rows_data:
-        r["premium"] = r["tokens"] / n_en
-    table = H.table(
-        ["language", "tokens", "chars", "UTF-8 bytes", "chars/token", "bytes/token", "premium vs en", "tokens splitting a char"],
-        [
-            [r["language"], r["tokens"], r["chars"], r["bytes"], f"{r['chars_per_token']:.2f}", f"{r['bytes_per_token']:.2f}",
-             f"{r['premium']:.2f}×", r["tokens_with_split_chars"]]
-            for r in rows_data
-        ],
-        numeric=range(1, 8),
-    )
-    chart = H.bar_chart_svg(
-        [r["language"] for r in rows_data],
-        [r["premium"] for r in rows_data],
-        title="Tokenization premium |tokens_L| / |tokens_en| (dashed: 1×)",
-        unit="×",
-        ref=1.0,
-    )
-    all_ok = all(r["bytes_reconstructed"] for r in rows_data)
-    check = (
-        '<p class="note"><span class="ok">✓</span> For every sentence the bytes of the tokens, decoded from the '
-        "byte-level vocabulary, concatenate to the UTF-8 text exactly.</p>"
-        if all_ok
-        else '<p class="note">Token texts come from the tokenizer\'s character offsets (not a byte-level '
-        "vocabulary, or the bytes did not reproduce the text).</p>"
-    )
-    body = (
-        "<p>The same sentence in eight languages, tokenized with the model's tokenizer (no special tokens). "
-        "The <b>premium</b> is how many more tokens a language needs than English for the same meaning: it "
-        "multiplies cost and eats context. One sentence is an anecdote, not a corpus measurement.</p>"
-        + '<div class="grid2"><div>' + table + "</div><div>" + chart + "</div></div>"
-        + check
-        + '<p class="note">Chips alternate colours at token boundaries; · is a space, ↵ a newline. '
-        "A <span style='border-bottom:2px dotted #b91c1c'>dotted underline</span> marks a token that holds only "
-        "some of the bytes of a character (hover for which bytes). Arabic is shown in token (logical) order.</p>"
-        + "".join(chips)
-    )
-    worst = max(rows_data, key=lambda r: r["premium"])
-    summary = [
-        "tokens per sentence: " + ", ".join(f"{r['code']} {r['tokens']}" for r in rows_data),
-        f"largest premium vs English: {worst['language']} {worst['premium']:.2f}× "
-        f"({worst['bytes_per_token']:.2f} bytes/token vs {rows_data[0]['bytes_per_token']:.2f} for English)",
-    ]
-    return Section("Tokenization across languages", body, summary, {"languages": rows_data, "bytes_reconstructed": all_ok})
 
 
 # ----------------------------------------------------------------------------------------------

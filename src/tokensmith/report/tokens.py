@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["TokenPiece", "token_pieces", "byte_level_decoder"]
+__all__ = ["TokenPiece", "token_pieces", "token_chips", "byte_level_decoder"]
 
 
 @dataclass
@@ -197,3 +197,16 @@ def _offset_run(run, ids, raws, text, offs, pieces) -> None:
             parts = [(t, False, "")]
         pieces[i] = TokenPiece(i, ids[i], raws[i], t, None, parts)
         prev = (s, e)
+
+
+def token_chips(tokenizer: Any, ids: list[int], text: str, offsets: list[tuple[int, int]], special=None) -> str:
+    from tokensmith.report import html as H
+    """Tokens of ``text`` as coloured chips (decoded per token; split characters underlined)."""
+    out = []
+    for p in token_pieces(tokenizer, ids, text, offsets, special):
+        inner = "".join(
+            f'<span class="frag">{H.token_text(t)}</span>' if frag else H.token_text(t) for t, frag, _ in p.parts
+        )
+        color = "#e5e7eb" if p.special else H.CHIP_PALETTE[p.index % len(H.CHIP_PALETTE)]
+        out.append(H.chip(inner, title=p.tooltip(), color=color))
+    return '<div class="chips" dir="ltr">' + "".join(out) + "</div>"

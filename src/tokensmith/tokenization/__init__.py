@@ -4,6 +4,11 @@ byte-level probabilities and vocabulary transfer (METHODS.md section 5, DEC-1/DE
 See ``docs/guides/tokenization.md``.
 """
 
+from tokensmith.tokenization import (  # noqa: F401  (register `tokensmith tokenizer-report` and the demo section)
+    cli,
+    demo,
+    metrics,  # noqa: F401  (the pure metric functions, as a namespace)
+)
 from tokensmith.tokenization.bytes import (
     ByteEnsemble,
     ByteGeneration,
@@ -15,12 +20,25 @@ from tokensmith.tokenization.bytes import (
     split_incomplete_utf8,
     tokenization_bias,
 )
+from tokensmith.tokenization.corpus import django_parallel_corpus, flores_corpus
 from tokensmith.tokenization.healing import (
     HealingResult,
     PrefixConstraintLogitsProcessor,
     allowed_token_mask_for,
     token_healing_generate,
 )
+from tokensmith.tokenization.metrics import (
+    compression,
+    corpus_metrics,
+    fertility,
+    measure,
+    morph_score,
+    parity_matrix,
+    renyi_efficiency,
+    tokenization_premium,
+    unfairness_summary,
+)
+from tokensmith.tokenization.report import TokenizerReport, bundled_report, report
 from tokensmith.tokenization.tokenizers import TOKENIZERS, load_tokenizer
 from tokensmith.tokenization.view import (
     ByteEncoding,
@@ -31,6 +49,21 @@ from tokensmith.tokenization.view import (
 )
 
 __all__ = [
+    "metrics",
+    "report",
+    "TokenizerReport",
+    "bundled_report",
+    "django_parallel_corpus",
+    "flores_corpus",
+    "compression",
+    "corpus_metrics",
+    "fertility",
+    "measure",
+    "morph_score",
+    "parity_matrix",
+    "renyi_efficiency",
+    "tokenization_premium",
+    "unfairness_summary",
     "ByteLM",
     "ByteEnsemble",
     "ByteGeneration",

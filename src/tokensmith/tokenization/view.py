@@ -730,16 +730,21 @@ def _prefix_upper(prefix: bytes) -> bytes | None:
     return bytes(p)
 
 
-def _char_to_byte_offsets(text: str, offsets: Sequence[tuple[int, int]], empty: Sequence[bool]) -> list[tuple[int, int]]:
-    cum = [0]
-    for ch in text:
-        cum.append(cum[-1] + len(ch.encode("utf-8")))
-    n = len(text)
-    out = []
-    for (s, e), is_empty in zip(offsets, empty, strict=True):
-        s, e = min(max(s, 0), n), min(max(e, 0), n)
-        out.append((cum[s], cum[s]) if is_empty else (cum[s], cum[e]))
-    return out
+def _char_to_byte_offsets(
+    text: str, offsets: Sequence[tuple[int, int]], empty: Sequence[bool]
+) -> list[tuple[int, int]]:
+    """Character offsets -> byte offsets through one cumulative sum of UTF-8 lengths (numpy, no per-token
+    Python loop over characters)."""
+    if not offsets:
+        return []
+    cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32) if text else np.zeros(0, np.uint32)
+    lens = 1 + (cps >= 0x80) + (cps >= 0x800) + (cps >= 0x10000)
+    cum = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    n = len(cps)
+    o = np.clip(np.asarray(offsets, dtype=np.int64).reshape(-1, 2), 0, n)
+    s, e = cum[o[:, 0]], cum[o[:, 1]]
+    e = np.where(np.asarray(empty, dtype=bool), s, e)
+    return list(zip(s.tolist(), e.tolist(), strict=True))
 
 
 def check_homomorphism(view: TokenizerView, a: str, b: str) -> bool:
