@@ -1,5 +1,7 @@
 """Vocabulary surgery: add_tokens / set_embeddings, tied and untied."""
 
+import copy
+
 import pytest
 import torch
 
@@ -65,3 +67,30 @@ def test_bad_inputs_and_padding_rows():
     with pytest.raises(ValueError):
         ad.add_tokens([""])
     assert padding_rows(ad).numel() == ad.structure.vocab_size - len(ad.tokenizer)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "gemma3", "gpt_neox", "bert"])
+def test_replace_vocabulary_on_every_tiny_arch(arch):
+    """A copy on a smaller tokenizer (the same one with extra tokens removed is not available, so: the same
+    tokenizer plus two added tokens): rows are the ones given, the original model is untouched, logits of the
+    old ids equal the original model's for text that uses no new token."""
+    from tokensmith.models import replace_vocabulary
+
+    a = ts.tiny(arch)
+    tok = copy.deepcopy(a.tokenizer)
+    tok.add_tokens(["<ts_new_a>", "<ts_new_b>"])
+    n = len(tok)
+    g = torch.Generator().manual_seed(0)
+    E = torch.cat([a.E.detach()[: len(a.tokenizer)], torch.randn(n - len(a.tokenizer), a.structure.hidden_size, generator=g)])
+    E_out = None if a.tied or a.structure.lm_head is None else torch.cat(
+        [a.W_U.detach()[: len(a.tokenizer)], torch.randn(n - len(a.tokenizer), a.structure.hidden_size, generator=g)])
+    before = a.E.detach().clone()
+    b = replace_vocabulary(a, tok, E, E_out)
+    assert b.model is not a.model and torch.equal(a.E.detach(), before)
+    assert b.structure.vocab_size >= n and torch.equal(b.E.detach()[:n], E.to(b.E.dtype))
+    batch = a.encode_batch(["hello world"])
+    za, zb = a.forward(batch).logits, b.forward(batch).logits
+    k = min(za.shape[-1], len(a.tokenizer))
+    assert torch.allclose(za[..., :k], zb[..., :k], atol=1e-5)
+    with pytest.raises(ValueError, match="E_in"):
+        replace_vocabulary(a, tok, E[:-1])

@@ -34,6 +34,7 @@ from tokensmith.models.masking import MaskContext, attention_override, local_win
 from tokensmith.models.norms import AttentionNorms, NormForm, attention_norms, norm_form
 from tokensmith.models.rerotate import RerotateResult, rerotate_cache
 from tokensmith.models.structure import AdapterSpec, ModelStructure, StructureError, discover
+from tokensmith.models.surgery import replace_vocabulary
 from tokensmith.models.tiny import tiny
 from tokensmith.models.vocab import allowed_token_mask, nearest_tokens, soft_embed
 from tokensmith.models.zoo import available_models, load
@@ -41,6 +42,7 @@ from tokensmith.models.zoo import available_models, load
 __all__ = [
     "ModelAdapter",
     "final_hidden",
+    "replace_vocabulary",
     "attention_override",
     "local_window",
     "separator_mask",

@@ -8,15 +8,16 @@ some checkpoints carry) are tracked by :func:`padding_rows` and never receive re
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from tokensmith.models.adapter import ModelAdapter
 
-__all__ = ["add_tokens", "set_embeddings", "padding_rows"]
+__all__ = ["add_tokens", "set_embeddings", "padding_rows", "replace_vocabulary"]
 
 
 def padding_rows(adapter: ModelAdapter) -> torch.Tensor:
@@ -120,3 +121,62 @@ def set_embeddings(
                 if E_out.shape != E_in.shape or not torch.isfinite(E_out).all():
                     raise ValueError("E_out must be finite with the shape of E_in")
                 W[idx.to(W.device)] = E_out.to(W)
+
+
+def replace_vocabulary(
+    adapter: ModelAdapter,
+    tokenizer: Any,
+    E_in: torch.Tensor,
+    E_out: torch.Tensor | None = None,
+    *,
+    name: str | None = None,
+    validate: bool = True,
+) -> ModelAdapter:
+    """A new adapter: a copy of ``adapter``'s model on another tokenizer, with embedding rows ``E_in`` (and, for
+    an untied head, output rows ``E_out``), one per id of ``tokenizer`` (vocabulary transfer).
+
+    The model is deep-copied (the original is unchanged), its embedding matrices resized to ``len(tokenizer)``
+    with transformers' ``resize_token_embeddings`` (tied heads stay tied), the config's and generation config's
+    ``bos/eos/pad_token_id`` set from the new tokenizer, and every row written by :func:`set_embeddings`.
+
+    Args:
+        adapter: the source model.
+        tokenizer: the new tokenizer (any HF tokenizer).
+        E_in: ``[len(tokenizer), d]`` input embedding rows.
+        E_out: ``[len(tokenizer), d]`` output rows for an untied head (None: the resized head keeps HF's
+            initialisation for new rows; pass rows to set them).
+        name: the new adapter's name (default ``"<name>+newvocab"``).
+        validate: run the new adapter's load-time validation.
+
+    Raises:
+        ValueError: shapes that do not match the new vocabulary, NaN rows, ``E_out`` for a tied model that differs
+            from ``E_in``.
+
+    Example:
+        >>> import tokensmith as ts
+        >>> a = ts.tiny("llama")
+        >>> b = replace_vocabulary(a, a.tokenizer, a.E.detach().clone())
+        >>> bool((b.E == a.E).all()) and b.model is not a.model
+        True
+    """
+    from tokensmith.models.adapter import ModelAdapter
+
+    n = len(tokenizer)
+    d = adapter.structure.hidden_size
+    if E_in.shape != (n, d):
+        raise ValueError(f"E_in must be [len(tokenizer), d] = [{n}, {d}], got {tuple(E_in.shape)}")
+    if E_out is not None and E_out.shape != (n, d):
+        raise ValueError(f"E_out must be [{n}, {d}], got {tuple(E_out.shape)}")
+    model = copy.deepcopy(adapter.model)
+    model.resize_token_embeddings(n, mean_resizing=False)
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is None:
+            continue
+        for r in ("bos", "eos", "pad"):
+            if hasattr(cfg, f"{r}_token_id"):
+                setattr(cfg, f"{r}_token_id", getattr(tokenizer, f"{r}_token_id", None))
+    new = ModelAdapter(model, tokenizer, name=name or f"{adapter.name}+newvocab", validate=False)
+    new.set_embeddings(list(range(n)), E_in.to(new.E.dtype), None if E_out is None else E_out.to(new.E.dtype))
+    if validate:
+        new.validate()
+    return new

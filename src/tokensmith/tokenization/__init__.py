@@ -40,6 +40,22 @@ from tokensmith.tokenization.metrics import (
 )
 from tokensmith.tokenization.report import TokenizerReport, bundled_report, report
 from tokensmith.tokenization.tokenizers import TOKENIZERS, load_tokenizer
+from tokensmith.tokenization.transfer import (
+    TransferPlan,
+    bits_per_byte,
+    omp,
+    plan_transfer,
+    sparsemax,
+    transfer_embeddings,
+)
+from tokensmith.tokenization.undertrained import (
+    REPEAT_TEMPLATES,
+    RepeatTemplate,
+    UndertrainedReport,
+    find_undertrained_tokens,
+    reference_tokens,
+    reserved_special_tokens,
+)
 from tokensmith.tokenization.view import (
     ByteEncoding,
     TokenizerView,
@@ -49,6 +65,18 @@ from tokensmith.tokenization.view import (
 )
 
 __all__ = [
+    "transfer_embeddings",
+    "plan_transfer",
+    "TransferPlan",
+    "bits_per_byte",
+    "omp",
+    "sparsemax",
+    "find_undertrained_tokens",
+    "UndertrainedReport",
+    "RepeatTemplate",
+    "REPEAT_TEMPLATES",
+    "reference_tokens",
+    "reserved_special_tokens",
     "metrics",
     "report",
     "TokenizerReport",
