@@ -49,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from tokensmith.tokenization.view import TokenizerView, utf8_encode
+
 __all__ = [
     "NO_SPACE_SCRIPTS",
     "word_spans",
@@ -1015,13 +1017,8 @@ class EncodedCorpus:
 
 
 def _as_view(tokenizer: Any) -> Any:
-    """A view of ``tokenizer`` (shared per tokenizer object through ``TokenizerView.of`` when available)."""
-    from tokensmith.tokenization.view import TokenizerView
-
-    if isinstance(tokenizer, TokenizerView):
-        return tokenizer
-    of = getattr(TokenizerView, "of", None)
-    return of(tokenizer) if of is not None else TokenizerView(tokenizer)
+    """A view of ``tokenizer`` (shared per tokenizer object through ``TokenizerView.of``)."""
+    return TokenizerView.of(tokenizer)
 
 
 _VIEW_INFO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -1090,19 +1087,8 @@ def encode_corpus(
     view = _as_view(tokenizer)
     info = _view_info(view)
     tb_len = info["tb_len"]
-    n_bytes = np.empty(len(texts), dtype=np.int64)
-    datas: list[bytes] = []
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"text {i} is a {type(t).__name__}, not a str; decode bytes first")
-        try:
-            datas.append(t.encode("utf-8"))
-        except UnicodeEncodeError as e:
-            raise ValueError(
-                f"text {i} has a lone surrogate at character {e.start} (not valid UTF-8): clean it "
-                "first, e.g. text.encode('utf-8', 'replace').decode()"
-            ) from None
-        n_bytes[i] = len(datas[-1])
+    datas = utf8_encode(texts)
+    n_bytes = np.fromiter((len(d) for d in datas), dtype=np.int64, count=len(datas))
     n_chars = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
     ids_fn = _ids_function(view) if view.family != "wordpiece" else None
     vocab_buf, vocab_start = info["vocab_buf"], info["vocab_start"]

@@ -60,6 +60,7 @@ __all__ = [
     "bytes_to_unicode",
     "check_homomorphism",
     "utf8_boundaries",
+    "utf8_encode",
 ]
 
 _SHARED: weakref.WeakKeyDictionary[Any, tuple[int | None, TokenizerView]] = weakref.WeakKeyDictionary()
@@ -85,6 +86,31 @@ def bytes_to_unicode() -> dict[int, str]:
         if b not in out:
             out[b] = chr(256 + k)
             k += 1
+    return out
+
+
+def utf8_encode(texts: Sequence[str]) -> list[bytes]:
+    """``[t.encode("utf-8") for t in texts]`` with the errors this subpackage promises.
+
+    Raises:
+        TypeError: an element is not a ``str`` (bytes must be decoded first).
+        ValueError: text with a lone surrogate (not encodable as UTF-8), naming the text and character.
+
+    Example:
+        >>> utf8_encode(["aé"])
+        [b'a\\xc3\\xa9']
+    """
+    out = []
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"text {i} is a {type(t).__name__}, not a str; decode bytes first")
+        try:
+            out.append(t.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"text {i} has a lone surrogate at character {e.start} (not valid UTF-8): clean it "
+                "first, e.g. text.encode('utf-8', 'replace').decode()"
+            ) from None
     return out
 
 
@@ -486,17 +512,7 @@ class TokenizerView:
                 ``text.encode("utf-8", "replace").decode()``.
         """
         texts = list(texts)
-        datas = []
-        for t in texts:
-            if not isinstance(t, str):
-                raise TypeError(f"encode takes str, got {type(t).__name__}; decode bytes first")
-            try:
-                datas.append(t.encode("utf-8"))
-            except UnicodeEncodeError as e:
-                raise ValueError(
-                    f"text contains a lone surrogate at character {e.start} and is not valid UTF-8: clean it "
-                    "first, e.g. text.encode('utf-8', 'replace').decode()"
-                ) from None
+        datas = utf8_encode(texts)
         if self._tk is not None:
             out = []
             for t, d, ids in zip(texts, datas, self._encode_ids(texts, False), strict=True):
