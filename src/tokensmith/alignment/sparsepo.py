@@ -12,7 +12,7 @@ completion positions only (``[N, d]`` per layer, never the full ``[B, T, d]`` of
 ``masks`` callable of ``loss="sparsepo"`` in :class:`~tokensmith.alignment.TokenPreferenceTrainer`, which
 trains its parameters with the policy's (same optimizer, saved with checkpoints).
 
-Example:
+Examples:
     >>> import tokensmith as ts
     >>> from tokensmith.alignment.sparsepo import SparsePOMasks
     >>> ref = ts.tiny("llama")

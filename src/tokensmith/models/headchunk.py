@@ -15,7 +15,7 @@ logits are recomputed in the backward, so peak memory is one chunk of ``[chunk, 
 forward and in the backward. The cost is one extra head matmul per chunk (policy) plus the reference head in
 the recomputation; the head is ~20% of SmolLM2-135M's forward FLOPs.
 
-Example:
+Examples:
     >>> import tokensmith as ts, torch
     >>> from tokensmith.models.headchunk import final_hidden, chunked_head_logprobs
     >>> a = ts.tiny("llama")

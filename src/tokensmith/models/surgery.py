@@ -152,7 +152,7 @@ def replace_vocabulary(
         ValueError: shapes that do not match the new vocabulary, NaN rows, ``E_out`` for a tied model that differs
             from ``E_in``.
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> a = ts.tiny("llama")
         >>> b = replace_vocabulary(a, a.tokenizer, a.E.detach().clone())

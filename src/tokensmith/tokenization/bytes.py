@@ -57,7 +57,7 @@ Choices and approximations (all documented in the guide):
 - *Context.* The text starts after ``context_ids`` (default: the tokenizer's automatic BOS, else
   ``<|endoftext|>``, else EOS): a document boundary, as in pre-training.
 
-Example:
+Examples:
     >>> import tokensmith as ts
     >>> from tokensmith.tokenization.bytes import ByteLM
     >>> blm = ByteLM(ts.tiny("llama"))
@@ -101,7 +101,7 @@ def split_incomplete_utf8(data: bytes) -> tuple[str, bytes] | None:
     Returns ``(text, pending)`` where ``text.encode() + pending == data`` and ``pending`` is empty or the
     first 1-3 bytes of a character; ``None`` when ``data`` is not a prefix of any valid UTF-8 string.
 
-    Example:
+    Examples:
         >>> split_incomplete_utf8("é".encode() + b"\\xf0\\x9f")
         ('é', b'\\xf0\\x9f')
         >>> split_incomplete_utf8(b"a\\xffb") is None
@@ -218,7 +218,7 @@ def canonical_options(view: TokenizerView, data: bytes) -> list[tuple[int, ...]]
     next byte, the remaining bytes 0x80 or 0xBF) and each tokenization that has a token boundary exactly at
     ``len(data)`` contributes the tokens before it. ``[]`` when ``data`` is not a prefix of valid UTF-8.
 
-    Example:
+    Examples:
         >>> from tokensmith.models.zoo import smollm2_tokenizer
         >>> view = TokenizerView(smollm2_tokenizer())
         >>> canonical_options(view, b" hello") == [tuple(view.encode(" hello").ids)]
@@ -288,7 +288,7 @@ class ByteLM:
             stays under 4096 positions (the row caches are materialised).
         cache_size: Distinct left contexts whose candidate-validity results are kept (LRU).
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> blm = ByteLM(ts.tiny("llama"))
         >>> lp = blm.log_prefix_prob(b"The cat")
@@ -681,7 +681,7 @@ def byte_ensemble(models: Sequence[Any], weights: Sequence[float] | None = None,
         weights: Mixture weights (normalised); default uniform.
         mode: ``"step"`` (``Σ_k w_k P_k(b|x)``), ``"bayes"`` or ``"product"`` (see :class:`ByteEnsemble`).
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> blm = ByteLM(ts.tiny("llama"))
         >>> ens = byte_ensemble([blm, blm], [0.5, 0.5])   # two models with different tokenizers in practice
@@ -749,7 +749,7 @@ def byte_generate(
         stop: A byte string (or several) that ends generation once produced.
         progress: Show a tqdm bar.
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> out = byte_generate(ByteLM(ts.tiny("llama")), b"Hello", 1, do_sample=True, seed=0)
         >>> len(out.new_bytes), out.stopped

@@ -31,7 +31,7 @@ normalised codes.
 **FLORES-200** (:func:`flores_corpus`) is the production path when a hub is reachable: 1,012 (devtest) or 997
 (dev) sentences professionally translated into 200+ languages, via ``datasets.load_dataset``.
 
-Example:
+Examples:
     >>> ds = django_parallel_corpus(["en", "de", "ja"])     # doctest: +SKIP
     >>> ds.column_names                                      # doctest: +SKIP
     ['key', 'domain', 'en', 'de', 'ja']
@@ -88,7 +88,7 @@ def normalize_language(code: str) -> str:
     Args:
         code: A language code (BCP-47 ``ll-RR``/``ll-Ssss`` or POSIX ``ll_RR``), case-insensitive.
 
-    Example:
+    Examples:
         >>> [normalize_language(c) for c in ("pt-br", "sr-latn", "ZH", "zh-TW", "de", "en-US")]
         ['pt_BR', 'sr_Latn', 'zh_Hans', 'zh_Hant', 'de', 'en']
     """
@@ -107,7 +107,7 @@ def strip_placeholders(text: str) -> str:
     Args:
         text: A catalog string.
 
-    Example:
+    Examples:
         >>> strip_placeholders('View <a href="x">release notes</a> for Django %(version)s')
         'View release notes for Django'
         >>> strip_placeholders("%(from)s-%(to)s relationship: {0} %d%% done (%(n)s).")
@@ -199,7 +199,7 @@ def django_parallel_corpus(
         ValueError: For unknown languages or domains (lists the available ones), or when no message is
             translated in all chosen languages.
 
-    Example:
+    Examples:
         >>> ds = django_parallel_corpus(["en", "de"], domains=["humanize"], max_rows=2)
         >>> ds.column_names, len(ds)
         (['key', 'domain', 'en', 'de'], 2)

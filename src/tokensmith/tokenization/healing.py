@@ -18,7 +18,7 @@ allowed, and the text returned continues the *original* prompt (the bytes of ``s
 For exact next-byte probabilities of a prompt that ends mid-token (no backing off at all) see
 :class:`tokensmith.tokenization.bytes.ByteLM` and :func:`~tokensmith.tokenization.bytes.byte_generate`.
 
-Example:
+Examples:
     >>> import tokensmith as ts
     >>> from tokensmith.tokenization.healing import token_healing_generate
     >>> ad = ts.tiny("llama")
@@ -57,7 +57,7 @@ def allowed_token_mask_for(view: TokenizerView, remaining: bytes, vocab_size: in
         remaining: The bytes still to be produced (non-empty).
         vocab_size: Length of the mask (the model's logit width, which may exceed the tokenizer's).
 
-    Example:
+    Examples:
         >>> from tokensmith.models.zoo import smollm2_tokenizer
         >>> view = TokenizerView(smollm2_tokenizer())
         >>> m = allowed_token_mask_for(view, b":")
@@ -89,7 +89,7 @@ class PrefixConstraintLogitsProcessor(LogitsProcessor):
         prompt_length: Length of the (padded) prompt in ``input_ids``; default: taken from the first call
             (a later call with a shorter ``input_ids`` starts a new generation).
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> from transformers import LogitsProcessorList
         >>> ad = ts.tiny("llama")

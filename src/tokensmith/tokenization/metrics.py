@@ -26,7 +26,7 @@ tokens-per-character number is never read as a tokens-per-word one.
 (byte offsets from the byte-exact view, TOK-1); a leading-space token ``" hello"`` belongs to ``hello``, a
 token of spaces alone belongs to no word.
 
-Example:
+Examples:
     >>> from collections import Counter
     >>> counts = Counter("pick @@ed pick @@l @@ed pick @@les".split())
     >>> round(renyi_efficiency(list(counts.values()), alpha=3.0, vocab_size=4), 5)
@@ -191,7 +191,7 @@ def word_spans(text: str) -> tuple[np.ndarray, np.ndarray]:
         ``(spans, is_char)``: ``int64[n, 2]`` byte ``(start, end)`` per unit and ``bool[n]`` marking the
         character units.
 
-    Example:
+    Examples:
         >>> spans, is_char = word_spans("Hi, wörld 中文")
         >>> spans.tolist(), is_char.tolist()
         ([[0, 3], [4, 10], [11, 14], [14, 17]], [False, False, True, True])
@@ -213,7 +213,7 @@ def tokens_per_word(offsets: np.ndarray, spans: np.ndarray) -> np.ndarray:
     Returns:
         ``int64[W]`` token counts.
 
-    Example:
+    Examples:
         >>> tokens_per_word(np.array([[0, 2], [2, 5], [5, 11]]), np.array([[0, 5], [6, 11]])).tolist()
         [2, 1]
     """
@@ -237,7 +237,7 @@ def fertility(lengths: Any, words: Any = None) -> float:
     Raises:
         ValueError: When there are no words.
 
-    Example:
+    Examples:
         >>> fertility([1, 2, 3], None)
         2.0
         >>> fertility([5, 7], [4, 2])
@@ -256,7 +256,7 @@ def continued_word_ratio(counts: Any) -> float:
     Args:
         counts: ``|τ(w)|`` per word (:func:`tokens_per_word`).
 
-    Example:
+    Examples:
         >>> continued_word_ratio([1, 2, 1, 3])
         0.5
     """
@@ -292,7 +292,7 @@ def tokenization_premium(lengths: Any, reference: Any) -> float:
         lengths: Sizes of the language-L side, one per sentence.
         reference: Sizes of the reference side (e.g. English), aligned with ``lengths``.
 
-    Example:
+    Examples:
         >>> tokenization_premium([3, 5], [2, 2])
         2.0
     """
@@ -328,7 +328,7 @@ def premium_bootstrap(
     Returns:
         ``(low, high)``.
 
-    Example:
+    Examples:
         >>> premium_bootstrap([2, 4, 6], [1, 2, 3], n_boot=50)
         (2.0, 2.0)
     """
@@ -353,7 +353,7 @@ def parity_matrix(lengths: Mapping[str, Any]) -> tuple[list[str], np.ndarray]:
     Returns:
         ``(languages, M)`` with ``M`` a ``float64[L, L]`` array in the order of ``languages``.
 
-    Example:
+    Examples:
         >>> langs, m = parity_matrix({"en": [2, 2], "de": [3, 3]})
         >>> langs, m.tolist()
         (['en', 'de'], [[1.0, 0.6666666666666666], [1.5, 1.0]])
@@ -378,7 +378,7 @@ def gini(values: Any) -> float:
     Args:
         values: Non-negative values (e.g. premiums across languages).
 
-    Example:
+    Examples:
         >>> gini([1, 1, 1]), round(gini([0, 0, 1]), 6)
         (0.0, 0.666667)
     """
@@ -424,7 +424,7 @@ def unfairness_summary(
         level: Confidence level.
         seed: Seed of the resampling.
 
-    Example:
+    Examples:
         >>> s = unfairness_summary({"en": [2, 2], "de": [3, 3], "ja": [4, 4]}, "en", n_boot=0)
         >>> s["premium"], s["max_min_ratio"], s["argmax"]
         ({'en': 1.0, 'de': 1.5, 'ja': 2.0}, 2.0, 'ja')
@@ -479,7 +479,7 @@ def normalized_sequence_length(lengths: Any, baseline: Any) -> float:
         lengths: Token counts per text under the tokenizer.
         baseline: Token counts of the same texts under the baseline tokenizer.
 
-    Example:
+    Examples:
         >>> normalized_sequence_length([8, 12], [10, 15])
         0.8
     """
@@ -498,7 +498,7 @@ def unused_vocab_share(counts: Any, vocab_size: int, *, exclude: Iterable[int] =
         vocab_size: The true ``|V|``.
         exclude: Ids removed from numerator and denominator (e.g. special tokens that text never produces).
 
-    Example:
+    Examples:
         >>> unused_vocab_share([3, 0, 1, 0], 4)
         0.5
         >>> unused_vocab_share([3, 0, 1, 0], 4, exclude=[3])
@@ -525,7 +525,7 @@ def unk_rate(ids: Any, unk_ids: Iterable[int]) -> float:
         ids: Token ids (flat).
         unk_ids: The UNK id(s) (empty: the tokenizer has none, rate 0).
 
-    Example:
+    Examples:
         >>> unk_rate([5, 0, 7, 0], [0])
         0.5
     """
@@ -543,7 +543,7 @@ def byte_fallback_rate(ids: Any, byte_mask: Any) -> float:
         ids: Token ids (flat).
         byte_mask: ``bool[V]``, True for the byte-fallback ids (``view.special_class(i) == "byte"``).
 
-    Example:
+    Examples:
         >>> byte_fallback_rate([1, 2, 2, 3], [False, False, True, False])
         0.5
     """
@@ -563,7 +563,7 @@ def partial_char_rate(offsets: Any, data: bytes) -> float:
         offsets: ``int[T, 2]`` token byte offsets into ``data``.
         data: The UTF-8 bytes.
 
-    Example:
+    Examples:
         >>> partial_char_rate([[0, 1], [1, 3], [3, 4]], "a中".encode())  # "中" is 3 bytes, split 2 + 1
         0.6666666666666666
     """
@@ -599,7 +599,7 @@ def renyi_entropy(counts: Any, alpha: float) -> float:
         counts: Unigram counts (a sequence, array or mapping type -> count).
         alpha: Order ``α ≥ 0``.
 
-    Example:
+    Examples:
         >>> renyi_entropy([1, 1, 1, 1], 2.5)
         2.0
     """
@@ -625,7 +625,7 @@ def renyi_efficiency(counts: Any, alpha: float = 2.5, *, vocab_size: int) -> flo
         alpha: Order ``α``.
         vocab_size: The true ``|V|`` (≥ 2).
 
-    Example:
+    Examples:
         >>> round(renyi_efficiency([3, 2, 1, 1], 2.5, vocab_size=4), 5)
         0.82651
     """
@@ -641,7 +641,7 @@ def unigram_entropy(counts: Any, *, base: float = 2.0) -> float:
         counts: Unigram counts.
         base: Logarithm base.
 
-    Example:
+    Examples:
         >>> unigram_entropy([1, 1, 1, 1])
         2.0
     """
@@ -659,7 +659,7 @@ def zipf_fit(counts: Any, *, min_count: int = 1, max_rank: int | None = None) ->
     Returns:
         ``{"exponent": s, "intercept": log10 f at rank 1, "r2": coefficient of determination, "n_types"}``.
 
-    Example:
+    Examples:
         >>> r = zipf_fit([1000 / k for k in range(1, 50)])
         >>> round(r["exponent"], 6), round(r["r2"], 6)
         (1.0, 1.0)
@@ -692,7 +692,7 @@ def token_innovation(ids: Any, *, n_points: int = 20) -> dict[str, Any]:
         ids: The token stream (flat, in corpus order).
         n_points: Number of prefix lengths.
 
-    Example:
+    Examples:
         >>> r = token_innovation([1, 1, 2, 1, 3, 3], n_points=3)
         >>> r["positions"], r["types"], r["rate"]
         ([2, 4, 6], [1, 2, 3], 0.5)
@@ -736,7 +736,7 @@ def compression_ratio(ids: Any, codec: str = "zlib", *, vocab_size: int | None =
         codec: ``"zlib"`` (level 6, its default), ``"lzma"`` (preset 6) or ``"bz2"`` (level 9).
         vocab_size: Sets the width; default from the largest id.
 
-    Example:
+    Examples:
         >>> compression_ratio([7] * 10000) < 0.01
         True
     """
@@ -757,7 +757,7 @@ def digit_chunks(offsets: Any, data: bytes) -> list[list[int]]:
         offsets: ``int[T, 2]`` token byte offsets into ``data`` (sorted, non-overlapping).
         data: The UTF-8 bytes.
 
-    Example:
+    Examples:
         >>> # tokens "x 12", "3", "456", "7 9"
         >>> digit_chunks([[0, 4], [4, 5], [5, 8], [8, 10]], b"x 1234567 9")
         [[2, 1, 3, 1], [1]]
@@ -796,7 +796,7 @@ def number_split_style(chunks: Sequence[Sequence[int]]) -> dict[str, Any]:
     Args:
         chunks: Digits per token for each digit run.
 
-    Example:
+    Examples:
         >>> number_split_style([[3, 3, 1], [3, 2], [1]])["style"]
         'ltr_3'
         >>> number_split_style([[1, 1, 1], [1, 1]])["style"]
@@ -845,7 +845,7 @@ def morph_boundaries(morphemes: Sequence[str]) -> list[int]:
     Args:
         morphemes: The gold segmentation (e.g. ``["walk", "ing"]``).
 
-    Example:
+    Examples:
         >>> morph_boundaries(["über", "all"])   # "ü" is two bytes
         [5]
     """
@@ -886,7 +886,7 @@ def morph_score(
     Returns:
         ``{"score", "n_words" (scored), "n_skipped", "n_boundaries", "hits"}``.
 
-    Example:
+    Examples:
         >>> morph_score([[4], [2], []], [[4], [4], [4]])   # hit, miss, one-token word skipped
         {'score': 0.5, 'n_words': 2, 'n_skipped': 1, 'n_boundaries': 2, 'hits': 1}
     """
@@ -926,7 +926,7 @@ def vocab_param_ratio(model: Any) -> float:
     Args:
         model: A ``torch.nn.Module`` with ``get_input_embeddings()`` (a HF model) or a ``ModelAdapter``.
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> 0 < vocab_param_ratio(ts.tiny("llama")) < 1
         True
@@ -1260,7 +1260,7 @@ def measure(
         progress: Show a progress bar.
         **kwargs: Passed to :func:`corpus_metrics`.
 
-    Example:
+    Examples:
         >>> from tokensmith.models.zoo import smollm2_tokenizer
         >>> m = measure(smollm2_tokenizer(), ["Hello world", "The weather is nice."], progress=False)
         >>> m["tokens"], m["words"], round(m["fertility"], 4)   # "." is its own token, not its own word

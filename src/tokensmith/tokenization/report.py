@@ -19,7 +19,7 @@ byte_fallback_rate, partial_char_rate, renyi_2.5, unigram_entropy, types``. Per 
 compression_zlib, max_digits_per_token, max_min_ratio (CI), gini (CI), max_premium, min_premium,
 seconds_encode``. Strings (family, number style, worst language) live in :attr:`TokenizerReport.summary`.
 
-Example:
+Examples:
     >>> from tokensmith.tokenization.report import report
     >>> r = report(["smollm2", "minilm"], languages=["en", "de", "ja"], n_boot=100)  # doctest: +SKIP
     >>> r.premiums()                                                                     # doctest: +SKIP

@@ -18,7 +18,7 @@ name                      source (pip package)                            return
 HF conversions are built once and cached as ``tokenizer.json`` under
 ``$TOKENSMITH_CACHE/tokenizers/<name>/`` (the Qwen conversion takes ~2 s, a reload ~0.3 s).
 
-Example:
+Examples:
     >>> from tokensmith.tokenization import load_tokenizer, TokenizerView
     >>> TokenizerView(load_tokenizer("qwen2.5")).family                 # doctest: +SKIP
     'byte_bpe'

@@ -34,7 +34,7 @@ strings) gets a row in the input embedding ``E`` (and in an untied output head `
 :func:`bits_per_byte` is the comparison: total NLL in bits over total UTF-8 bytes, which does not depend
 on how the text is cut into tokens.
 
-Example:
+Examples:
     >>> import tokensmith as ts
     >>> from tokensmith.tokenization.transfer import transfer_embeddings
     >>> ad = ts.tiny("llama")
@@ -176,7 +176,7 @@ def plan_transfer(
         copy_shared: copy specials and shared tokens (False: everything is ``fallback``, the random floor).
         views: ``(old_view, new_view)`` when already built (a view parses the whole tokenizer once).
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> tok = ts.tiny("llama").tokenizer
         >>> plan_transfer(tok, tok).counts()
@@ -261,7 +261,7 @@ def omp(y: torch.Tensor, X: torch.Tensor, k: int, *, batch_size: int = 256) -> t
     Returns:
         ``(idx [B, k] long, coef [B, k])`` with ``y_b ≈ Σ_s coef[b, s] X[idx[b, s]]``.
 
-    Example:
+    Examples:
         >>> X = torch.eye(4, dtype=torch.float64)
         >>> idx, c = omp(torch.tensor([[0.0, 2.0, 0.0, -1.0]], dtype=torch.float64), X, 2)
         >>> sorted(zip(idx[0].tolist(), c[0].tolist()))
@@ -314,7 +314,7 @@ def sparsemax(z: torch.Tensor, dim: int = -1) -> torch.Tensor:
     ``p = max(z − τ, 0)`` with ``τ`` such that ``Σ p = 1`` (``τ = (Σ_{j≤k} z_(j) − 1)/k`` for the largest ``k`` with
     ``1 + k z_(k) > Σ_{j≤k} z_(j)``, ``z_(j)`` sorted descending).
 
-    Example:
+    Examples:
         >>> sparsemax(torch.tensor([2.0, 1.0, -1.0])).tolist()
         [1.0, 0.0, 0.0]
         >>> [round(x, 4) for x in sparsemax(torch.tensor([0.5, 0.3, 0.1])).tolist()]
@@ -458,7 +458,7 @@ def transfer_embeddings(
         ValueError: unknown method, ``"omp"`` without a valid donor.
         TypeError: a new tokenizer that is not a fast HF / ``tokenizers`` tokenizer.
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> ad = ts.tiny("gpt2")
         >>> new = transfer_embeddings(ad, ts.tiny("gpt2").tokenizer, method="random", progress=False)
@@ -549,7 +549,7 @@ def bits_per_byte(
     Raises:
         ValueError: for an empty corpus, a model that is not a causal LM, or no BOS/EOS and no ``context_token``.
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> bpb = bits_per_byte(ts.tiny("llama"), ["Hello world."], progress=False)
         >>> 0.0 < bpb < 16.0   # a random tiny model: about log2(49152) bits per ~4-byte token

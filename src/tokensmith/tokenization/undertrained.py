@@ -25,7 +25,7 @@ Detection therefore has two stages:
 All rows of one verification batch have the same length (the token is a single id in a fixed
 template), so batched and one-at-a-time scores are the same forward.
 
-Example:
+Examples:
     >>> import tokensmith as ts
     >>> from tokensmith.tokenization.undertrained import find_undertrained_tokens
     >>> rep = find_undertrained_tokens(ts.tiny("llama"), top_k=4, progress=False)
@@ -89,7 +89,7 @@ def impossible_utf8(b: bytes) -> bool:
     the token when encoding text): a byte ``0xC0``, ``0xC1`` or ``≥ 0xF5``, more than three leading
     continuation bytes, or an invalid sequence after them. A truncated final character is allowed.
 
-    Example:
+    Examples:
         >>> impossible_utf8(b"\\xff"), impossible_utf8(b"\\x98\\x80"), impossible_utf8("é".encode()[:1])
         (True, False, False)
     """
@@ -151,7 +151,7 @@ def reserved_special_tokens(tokenizer: Any) -> list[int]:
     analogue of the ``<unused_N>`` / reserved tokens the paper uses as its reference. For SmolLM2 these
     are the StarCoder-format tokens (``<file_sep>``, ``<jupyter_code>``, ``<gh_stars>``, ...).
 
-    Example:
+    Examples:
         >>> from tokensmith.models.zoo import smollm2_tokenizer
         >>> tok = smollm2_tokenizer()
         >>> "<file_sep>" in tok.convert_ids_to_tokens(reserved_special_tokens(tok))
@@ -428,7 +428,7 @@ def find_undertrained_tokens(
         ValueError: for a model without an LM head, an encoder with ``verify=True``, an empty reference set,
             or ``top_k < 1``.
 
-    Example:
+    Examples:
         >>> import tokensmith as ts
         >>> ad = ts.tiny("gpt2")
         >>> rep = find_undertrained_tokens(ad, verify=False, top_k=3)

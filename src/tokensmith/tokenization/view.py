@@ -26,7 +26,7 @@ control bytes (``\\x04 \\x06 \\x13 \\x14 \\x16 \\x1d``) and the lead bytes ``\\x
 planes 4-12), which its tokenizer silently drops. Offsets stay exact there: a dropped byte falls between tokens
 or inside the span of the token that merged across it.
 
-Example:
+Examples:
     >>> from tokensmith.tokenization.view import TokenizerView
     >>> from tokensmith.models.zoo import smollm2_tokenizer
     >>> view = TokenizerView(smollm2_tokenizer())
@@ -74,7 +74,7 @@ def bytes_to_unicode() -> dict[int, str]:
     Printable Latin-1 bytes map to themselves; the other 68 bytes map to ``chr(256 + k)`` in byte
     order (so space ``0x20`` becomes ``Ġ`` and newline ``0x0A`` becomes ``Ċ``).
 
-    Example:
+    Examples:
         >>> m = bytes_to_unicode()
         >>> m[0x20], m[0x0A], m[ord("a")]
         ('Ġ', 'Ċ', 'a')
@@ -96,7 +96,7 @@ def utf8_encode(texts: Sequence[str]) -> list[bytes]:
         TypeError: an element is not a ``str`` (bytes must be decoded first).
         ValueError: text with a lone surrogate (not encodable as UTF-8), naming the text and character.
 
-    Example:
+    Examples:
         >>> utf8_encode(["aé"])
         [b'a\\xc3\\xa9']
     """
@@ -119,7 +119,7 @@ def utf8_boundaries(data: bytes) -> list[int]:
 
     Functions of :mod:`tokensmith.tokenization` cut text only at these positions.
 
-    Example:
+    Examples:
         >>> utf8_boundaries("aé😀".encode())
         [0, 1, 3, 7]
     """
@@ -428,7 +428,7 @@ class TokenizerView:
 
         A bisection over the byte-sorted vocabulary: ``O(log V)`` plus the output size.
 
-        Example:
+        Examples:
             >>> from tokensmith.models.zoo import smollm2_tokenizer
             >>> view = TokenizerView(smollm2_tokenizer())
             >>> all(view.token_bytes(i).startswith(b" hel") for i in view.supertokens(b" hel"))
@@ -462,7 +462,7 @@ class TokenizerView:
         rebuilt when the tokenizer's length changes (``add_tokens``). Accepts a view (returned as is), a
         tokenizer or an adapter.
 
-        Example:
+        Examples:
             >>> from tokensmith.models.zoo import smollm2_tokenizer
             >>> tok = smollm2_tokenizer()
             >>> TokenizerView.of(tok) is TokenizerView.of(tok)
@@ -682,7 +682,7 @@ class TokenizerView:
         rank. This is the tokenizer's model step *within* a pre-token; :meth:`encode` runs the
         pre-tokenizer too. Bytes without a token (``missing_bytes``) are dropped first, as the tokenizer does.
 
-        Example:
+        Examples:
             >>> from tokensmith.models.zoo import smollm2_tokenizer
             >>> view = TokenizerView(smollm2_tokenizer())
             >>> view.bpe_merge(b" hello") == view.encode(" hello").ids
@@ -770,7 +770,7 @@ def check_homomorphism(view: TokenizerView, a: str, b: str) -> bool:
     Byte-level BPE and tiktoken always satisfy it; SentencePiece with a dummy prefix does not (the prefix
     space of the second part is kept in the concatenation but stripped when it is decoded alone).
 
-    Example:
+    Examples:
         >>> from tokensmith.models.zoo import smollm2_tokenizer
         >>> check_homomorphism(TokenizerView(smollm2_tokenizer()), "Hello", " world")
         True

@@ -57,7 +57,7 @@ def adagc_clip(grads: Sequence[torch.Tensor], gammas: Sequence[torch.Tensor | No
         lambda_rel: relative threshold :math:`\lambda_{rel}` after it.
         warmup_steps: :math:`T_{warm}`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> g, gam = adagc_clip([torch.tensor([3.0, 4.0])], [torch.tensor(1.0)], step=5, warmup_steps=0)
         >>> g[0], gam[0]  # clipped to norm 1.05 * 1.0; gamma = 0.98 * 1 + 0.02 * 1.05
@@ -118,7 +118,7 @@ class AdaGC(Optimizer):
         warmup_steps: steps of global clipping before the adaptive phase (paper: 100).
         base: ``"adamw"`` or ``"lion"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = torch.nn.Parameter(torch.zeros(2))
         >>> opt = AdaGC([w], lr=0.1, warmup_steps=1)
@@ -196,7 +196,7 @@ class AdaGCClipper:
         lambda_rel: relative clipping threshold.
         warmup_steps: steps of global clipping before the adaptive phase.
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = torch.nn.Parameter(torch.zeros(2))
         >>> opt = AdaGCClipper(torch.optim.SGD([w], lr=1.0), warmup_steps=1)

@@ -29,7 +29,7 @@ def ademamix_alpha(step: int, alpha: float, t_warmup: int | None) -> float:
         alpha: the final mixing coefficient :math:`\alpha`.
         t_warmup: :math:`T_\alpha`; ``None`` or 0 means no warm-up (:math:`\alpha` from the first step).
 
-    Example:
+    Examples:
         >>> ademamix_alpha(5, 8.0, 10), ademamix_alpha(20, 8.0, 10), ademamix_alpha(1, 8.0, None)
         (4.0, 8.0, 8.0)
     """
@@ -58,7 +58,7 @@ def ademamix_beta3(step: int, beta1: float, beta3: float, t_warmup: int | None) 
         beta3: the final value :math:`\beta_3`, in [``beta1``, 1).
         t_warmup: :math:`T_{\beta_3}`; ``None`` or 0 means no warm-up.
 
-    Example:
+    Examples:
         >>> round(ademamix_beta3(0, 0.9, 0.999, 100), 6), ademamix_beta3(100, 0.9, 0.999, 100)
         (0.9, 0.999)
     """
@@ -98,7 +98,7 @@ class AdEMAMix(Optimizer):
         eps: :math:`\epsilon` added to :math:`\sqrt{\hat\nu}`.
         weight_decay: decoupled weight decay :math:`\lambda` (multiplied by ``lr``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = torch.nn.Parameter(torch.zeros(2))
         >>> opt = AdEMAMix([w], lr=0.1, alpha=0.0)  # alpha = 0: exactly Adam(W)

@@ -60,7 +60,7 @@ class FRUGAL(Optimizer):
         reset_state: zero the Adam state at each basis refresh.
         seed: seed of the randomized SVD.
 
-    Example:
+    Examples:
         >>> import torch
         >>> W = torch.nn.Parameter(torch.zeros(4, 6))
         >>> opt = FRUGAL([W], lr=0.01, rank=1)

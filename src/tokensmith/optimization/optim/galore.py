@@ -51,7 +51,7 @@ class GaLoreProjector:
         power_iters: subspace (power) iterations of the randomized range finder.
         seed: seed of the randomized range finder.
 
-    Example:
+    Examples:
         >>> import torch
         >>> proj = GaLoreProjector(rank=1, update_gap=10)
         >>> G = torch.tensor([[3.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -155,7 +155,7 @@ class GaLoreAdamW(Optimizer):
         svd: ``"full"`` or ``"randomized"``.
         seed: seed of the randomized SVD.
 
-    Example:
+    Examples:
         >>> import torch
         >>> W = torch.nn.Parameter(torch.zeros(4, 6))
         >>> opt = GaLoreAdamW([W], lr=0.01, rank=2)

@@ -93,7 +93,7 @@ class Lion(Optimizer):
         betas: :math:`(\beta_1, \beta_2)`: interpolation for the update direction, momentum decay.
         weight_decay: decoupled weight decay :math:`\lambda` (multiplied by ``lr``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
         >>> opt = Lion([w], lr=0.1)

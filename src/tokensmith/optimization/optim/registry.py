@@ -81,7 +81,7 @@ def _po_names() -> list[str]:
 def available_optimizers() -> dict[str, list[str]]:
     """The names ``create`` accepts, per backend: ``{"ours": [...], "torch": [...], "pytorch_optimizer": [...]}``.
 
-    Example:
+    Examples:
         >>> available_optimizers()["ours"]
         ['lion', 'ademamix', 'spam', 'adagc', 'adagc-lion', 'galore-adamw', 'frugal']
     """
@@ -106,7 +106,7 @@ def create(name: str, params: Params, **kwargs: Any) -> Optimizer:
         params: parameters or parameter groups.
         **kwargs: the optimizer's own options (``lr``, ``betas``, ...).
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = torch.nn.Parameter(torch.zeros(3))
         >>> type(create("Lion", [w], lr=1e-4)).__name__, type(create("adamw", [w])).__module__

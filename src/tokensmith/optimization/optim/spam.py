@@ -33,7 +33,7 @@ def spam_warmup_factor(step: int, last_reset: int | None, warmup: int) -> float:
         last_reset: the step of the last reset, ``None`` before the first one.
         warmup: :math:`N`, warm-up steps after each reset (0 = none).
 
-    Example:
+    Examples:
         >>> [round(spam_warmup_factor(t, 500, 2), 6) for t in (500, 501, 502)], spam_warmup_factor(10, None, 150)
         ([0.5, 1.0, 1.0], 1.0)
     """
@@ -81,7 +81,7 @@ class SPAM(Optimizer):
         spike_threshold: :math:`\theta` (0 = no clipping).
         warmup: :math:`N`, cosine warm-up steps after each reset.
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = torch.nn.Parameter(torch.zeros(1))
         >>> opt = SPAM([w], lr=0.1)  # spike_threshold=5000
