@@ -44,6 +44,7 @@ Examples:
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import weakref
 from collections.abc import Iterable, Sequence
@@ -523,7 +524,7 @@ class TokenizerView:
         out = []
         for t, d, e in zip(texts, datas, encs, strict=True):
             ids = list(e.ids)
-            joined = b"".join(self._token_bytes[i] for i in ids)
+            joined = b"".join(self._token_bytes[i] for i in ids) if self.family != "wordpiece" else None
             if joined == d:
                 offs = self._cumulative(ids, 0)
             elif self.dummy_prefix and joined == b" " + d:
@@ -531,7 +532,7 @@ class TokenizerView:
             elif self.missing_bytes and joined == bytes(b for b in d if b not in self.missing_bytes):
                 offs = self._align_skipping(ids, d)
             else:
-                offs = _char_to_byte_offsets(t, e.offsets, [self._classes[i] in ("control",) for i in ids])
+                offs = _char_to_byte_offsets(t, e.offsets, [self._classes[i] == "control" for i in ids], len(d))
             out.append(ByteEncoding(t, d, ids, offs))
         return out
 
@@ -747,20 +748,14 @@ def _prefix_upper(prefix: bytes) -> bytes | None:
 
 
 def _char_to_byte_offsets(
-    text: str, offsets: Sequence[tuple[int, int]], empty: Sequence[bool]
+    text: str, offsets: Sequence[tuple[int, int]], empty: Sequence[bool], n_bytes: int | None = None
 ) -> list[tuple[int, int]]:
-    """Character offsets -> byte offsets through one cumulative sum of UTF-8 lengths (numpy, no per-token
-    Python loop over characters)."""
-    if not offsets:
-        return []
-    cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32) if text else np.zeros(0, np.uint32)
-    lens = 1 + (cps >= 0x80) + (cps >= 0x800) + (cps >= 0x10000)
-    cum = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    n = len(cps)
-    o = np.clip(np.asarray(offsets, dtype=np.int64).reshape(-1, 2), 0, n)
-    s, e = cum[o[:, 0]], cum[o[:, 1]]
-    e = np.where(np.asarray(empty, dtype=bool), s, e)
-    return list(zip(s.tolist(), e.tolist(), strict=True))
+    """Character offsets (as the Rust tokenizer reports them, within ``[0, len(text)]``) -> byte offsets: the
+    identity for ASCII text, else one running sum of UTF-8 lengths."""
+    if n_bytes == len(text):  # ASCII: byte offsets are character offsets
+        return [(s, s) if z else (s, e) for (s, e), z in zip(offsets, empty, strict=True)]
+    cum = [0, *itertools.accumulate(1 if c < "\x80" else len(c.encode("utf-8")) for c in text)]
+    return [(cum[s], cum[s]) if z else (cum[s], cum[e]) for (s, e), z in zip(offsets, empty, strict=True)]
 
 
 def check_homomorphism(view: TokenizerView, a: str, b: str) -> bool:
