@@ -1,4 +1,30 @@
-"""tokensmith.pruning — see docs/ and ../shared/METHODS.md for the planned methods.
+"""tokensmith.pruning — token pruning, merging and KV-cache compression with honest accounting.
 
-This subpackage is filed as its own issue; it will be built on :mod:`tokensmith.models`.
+Every method is *score -> select -> act (drop / mask / merge) -> fix positions*:
+
+- :mod:`~tokensmith.pruning.scores`: scorers (attention received, SnapKV window, H2O, key norm,
+  redundancy, self-information, attribution, sinks + recent, separators), ``score(ctx) -> [B, H_kv|1, T]``;
+- :mod:`~tokensmith.pruning.select`: ratio / budget / threshold / k-center selection, per-layer schedules;
+- :class:`Reducer` applies a recipe to a model: ``with reducer.apply(adapter) as report: adapter.generate(...)``;
+  :mod:`~tokensmith.pruning.presets` names the papers' recipes;
+- the :class:`ReductionReport` says what was kept, whether it was physical or simulated, and the KV bytes
+  actually freed.
+
+    >>> import tokensmith as ts
+    >>> from tokensmith.pruning import presets
+    >>> ad = ts.tiny("llama")
+    >>> with presets.snapkv(ratio=0.5, window=4).apply(ad) as report:
+    ...     _ = ad.generate("a b c d e f g h i j k l", max_new_tokens=2)
+    >>> report.physical
+    True
 """
+
+from tokensmith.pruning import presets
+from tokensmith.pruning.reducer import Protect, Reducer
+from tokensmith.pruning.report import ReductionReport, cache_bytes
+from tokensmith.pruning.scores import *  # noqa: F401,F403
+from tokensmith.pruning.scores import __all__ as _scores_all
+from tokensmith.pruning.select import *  # noqa: F401,F403
+from tokensmith.pruning.select import __all__ as _select_all
+
+__all__ = ["Reducer", "Protect", "ReductionReport", "cache_bytes", "presets", *_scores_all, *_select_all]
