@@ -291,3 +291,18 @@ def test_bad_input(shared_tiny):
     with pytest.raises(ValueError, match="encoder"):
         with presets.key_norm().apply(shared_tiny("bert")):
             pass
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_hidden_preset_runs(shared_tiny, arch):
+    """FastV / PyramidDrop through the Reducer: the forward and generate agree on the first token, and the
+    report counts fewer tokens after the stage."""
+    ad = shared_tiny(arch)
+    for red in (presets.fastv(k=1, ratio=0.5), presets.pyramid_drop(ratio=0.5)):
+        out = red.forward(ad, PROMPT)
+        with red.apply(ad) as rep:
+            gen = ad.generate(PROMPT, max_new_tokens=2, eos_token_id=None)
+        assert int(gen.new_tokens[0][0]) == int(out.logits[0].argmax())
+        assert rep.physical and rep.flops_ratio is not None and rep.flops_ratio < 1.0
+        kept = {k: float(v.float().mean()) for k, v in rep.kept.items()}
+        assert kept[max(kept)] < kept[min(kept)]

@@ -4,7 +4,7 @@ Entry points: :func:`load` (bundled offline models or any HF model), :func:`tiny
 for tests), and :class:`ModelAdapter` (wrap a model + tokenizer you already have).
 """
 
-from tokensmith.models import kvcache, masking, rerotate
+from tokensmith.models import heads, kvcache, masking, rerotate
 from tokensmith.models.adapter import GenerationResult, ModelAdapter
 from tokensmith.models.attention import AttentionProbe
 from tokensmith.models.batching import MicroBatcher
@@ -21,6 +21,18 @@ from tokensmith.models.encoding import (
     slot_round_trip,
 )
 from tokensmith.models.headchunk import chunked_head_logprobs, final_hidden
+from tokensmith.models.heads import (
+    Head,
+    HeadOutputs,
+    add_head,
+    capture,
+    forward_with_heads,
+    head_modules,
+    list_heads,
+    load_heads,
+    remove_head,
+    save_heads,
+)
 from tokensmith.models.hooks import ActivationCache, HookContext, HookSession, ablate_fn, patch_fn, steer_fn
 from tokensmith.models.layers import (
     run_layers,
@@ -41,6 +53,17 @@ from tokensmith.models.zoo import available_models, load
 
 __all__ = [
     "ModelAdapter",
+    "heads",
+    "Head",
+    "HeadOutputs",
+    "add_head",
+    "remove_head",
+    "list_heads",
+    "head_modules",
+    "capture",
+    "forward_with_heads",
+    "save_heads",
+    "load_heads",
     "final_hidden",
     "replace_vocabulary",
     "attention_override",

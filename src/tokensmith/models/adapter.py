@@ -1227,6 +1227,12 @@ class ModelAdapter:
 
         set_embeddings(self, ids, E_in, E_out)
 
+    def add_head(self, name: str, module: nn.Module, at: str = "final_norm") -> nn.Module:
+        """Attach a trainable extra head at a hook point (MOD-15); see :func:`tokensmith.models.heads.add_head`."""
+        from tokensmith.models.heads import add_head
+
+        return add_head(self, name, module, at)
+
     def _rediscover(self) -> None:
         spec_scale = self.structure.embed_scale
         tup = self.structure.layer_returns_tuple

@@ -139,7 +139,9 @@ def _as_encoded_batch(adapter: ModelAdapter, inputs: Any) -> EncodedBatch:
         am = batch.get("attention_mask")
         am = torch.ones_like(ids) if am is None else am
         if bool((am[:, 1:].long() < am[:, :-1].long()).any()):
-            raise ValueError("attention_mask must be left-padded (pads before the real tokens) for generation")
+            raise ValueError(
+                "attention_mask must be left-padded (pads before the real tokens) for generation"
+            )
         pid = (am.long().cumsum(-1) - 1).clamp_min(0)
         return EncodedBatch(ids, am, pid, (am == 0).long().sum(-1), [])
     raise TypeError("generate takes text, encoded inputs or {'input_ids', 'attention_mask'}")
@@ -217,7 +219,7 @@ def generate_from_hidden(
     )
     _fill_hidden_report(report, res, batch)
     nxt = batch.attention_mask.long().sum(-1).to(adapter.device)
-    first = res.logits[:, -1]
+    first = res.logits if res.logits.dim() == 2 else res.logits[:, -1]
     return decode_loop(adapter, batch, res.cache, first, nxt, max_new_tokens, **kw)
 
 

@@ -286,7 +286,9 @@ class Reducer:
         else:
             layers = list(self.layers or [2])
         ratios = self.layer_ratios(layers)
-        return [Stage(layer=i, ratio=ratios[i], budget=self.budget, scorer=self.scorer) for i in layers]
+        if self.budget is not None:
+            return [Stage(layer=i, budget=self.budget, scorer=self.scorer) for i in layers]
+        return [Stage(layer=i, ratio=ratios[i], scorer=self.scorer) for i in layers]
 
 
 def _hidden_generate(
