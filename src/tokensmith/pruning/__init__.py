@@ -13,10 +13,7 @@ Every method is *score -> select -> act (drop / mask / merge) -> fix positions*:
   actually freed.
 
     >>> import tokensmith as ts
-    >>> from tokensmith.pruning import haystack, presets
-from tokensmith.pruning.hidden import HiddenPruneOutput, Stage, decode_step, hidden_flops_ratio, layer_costs, pruned_forward
-from tokensmith.pruning.merge import *  # noqa: F401,F403
-from tokensmith.pruning.merge import __all__ as _merge_all
+    >>> from tokensmith.pruning import presets
     >>> ad = ts.tiny("llama")
     >>> with presets.snapkv(ratio=0.5, window=4).apply(ad) as report:
     ...     _ = ad.generate("a b c d e f g h i j k l", max_new_tokens=2)
