@@ -306,3 +306,28 @@ def test_every_hidden_preset_runs(shared_tiny, arch):
         assert rep.physical and rep.flops_ratio is not None and rep.flops_ratio < 1.0
         kept = {k: float(v.float().mean()) for k, v in rep.kept.items()}
         assert kept[max(kept)] < kept[min(kept)]
+
+
+def test_encoder_and_prompt_targets(shared_tiny):
+    from tokensmith.pruning import compress
+
+    bert = shared_tiny("bert")
+    texts = ["a short sentence about cats and dogs", "another one"]
+    plain = bert.sentence_embedding(texts)
+    with Reducer(target="encoder", r=0).apply(bert) as rep0:
+        same = bert.sentence_embedding(texts)
+    torch.testing.assert_close(same, plain, rtol=0, atol=1e-5)
+    with Reducer(target="encoder", r=2).apply(bert) as rep:
+        merged = bert.sentence_embedding(texts)
+    assert rep.physical and rep.action == "merge" and rep0.action == "merge"
+    assert merged.shape == plain.shape and float((merged - plain).abs().max()) > 1e-4
+    ad = shared_tiny("llama")
+    red = Reducer(target="prompt", ratio=0.5)
+    assert red.compress(ad, PROMPT).text == compress(PROMPT, ad, rate=0.5).text
+    with pytest.raises(ValueError, match="compress"):
+        with red.apply(ad):
+            pass
+    with pytest.raises(ValueError, match="r="):
+        Reducer(target="encoder")
+    with pytest.raises(ValueError, match="ratio="):
+        Reducer(target="prompt")

@@ -7,6 +7,7 @@ Every method is *score -> select -> act (drop / mask / merge) -> fix positions*:
 - :mod:`~tokensmith.pruning.select`: ratio / budget / threshold / k-center selection, per-layer schedules;
 - :mod:`~tokensmith.pruning.merge`: ToMe bipartite merging, ``Y = W·X`` transforms, encoder token merging
   (:func:`tome_encoder`);
+- :func:`compress`: prompt compression, text in -> shorter text out (LLMLingua / LongLLMLingua);
 - :class:`Reducer` applies a recipe to a model: ``with reducer.apply(adapter) as report: adapter.generate(...)``;
   :mod:`~tokensmith.pruning.presets` names the papers' recipes;
 - the :class:`ReductionReport` says what was kept, whether it was physical or simulated, and the KV bytes
@@ -21,7 +22,7 @@ Every method is *score -> select -> act (drop / mask / merge) -> fix positions*:
     True
 """
 
-from tokensmith.pruning import haystack, presets
+from tokensmith.pruning import demo, haystack, presets  # noqa: F401  (demo registers the report section)
 from tokensmith.pruning.hidden import (
     HiddenPruneOutput,
     Stage,
@@ -32,6 +33,14 @@ from tokensmith.pruning.hidden import (
 )
 from tokensmith.pruning.merge import *  # noqa: F401,F403
 from tokensmith.pruning.merge import __all__ as _merge_all
+from tokensmith.pruning.prompt import (
+    NUMBERS,
+    RESTRICT,
+    CompressedPrompt,
+    budget_select,
+    compress,
+    rank_demonstrations,
+)
 from tokensmith.pruning.reducer import Protect, Reducer
 from tokensmith.pruning.report import ReductionReport, cache_bytes
 from tokensmith.pruning.scores import *  # noqa: F401,F403
@@ -52,6 +61,12 @@ __all__ = [
     "decode_step",
     "layer_costs",
     "hidden_flops_ratio",
+    "compress",
+    "CompressedPrompt",
+    "rank_demonstrations",
+    "budget_select",
+    "NUMBERS",
+    "RESTRICT",
     *_scores_all,
     *_select_all,
     *_merge_all,

@@ -17,6 +17,9 @@ Targets:
 - ``"hidden"``: hidden states inside the forward after given layers (FastV, PyramidDrop;
   :mod:`tokensmith.pruning.hidden`): inside the block ``adapter.generate`` prefills with the pruned
   forward; call :meth:`Reducer.forward` for logits.
+- ``"encoder"``: ToMe token merging in an encoder, ``r`` tokens per layer (:func:`tokensmith.pruning.tome_encoder`):
+  ``adapter.forward`` / ``sentence_embedding`` inside the block run merged.
+- ``"prompt"``: text in, shorter text out (LLMLingua; :meth:`Reducer.compress`).
 
 The model is never changed outside the ``with`` block: every hook, attention override and probe is removed
 on exit, also on exceptions.
@@ -41,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Reducer", "Protect"]
 
-_TARGETS = ("kv", "hidden")
+_TARGETS = ("kv", "hidden", "encoder", "prompt")
 _ACTIONS = ("drop", "mask")
 _POSITIONS = ("preserve", "reindex", "rerotate")
 _PHASES = ("prefill", "decode", "both")
@@ -90,8 +93,10 @@ class Reducer:
     """A token-reduction recipe: ``score -> select -> act -> position policy`` on one target.
 
     Args:
-        target: ``"kv"`` (the KV cache) or ``"hidden"`` (hidden states inside the forward).
-        scorer: a :class:`~tokensmith.pruning.scores.Scorer` (or registry name); higher = keep.
+        target: ``"kv"`` (the KV cache), ``"hidden"`` (hidden states inside the forward), ``"encoder"`` (ToMe
+            merging, ``r`` per layer) or ``"prompt"`` (text compression).
+        scorer: a :class:`~tokensmith.pruning.scores.Scorer` (or registry name); higher = keep. Default: SnapKV's
+            observation window (kv), the last token's attention (hidden), self-information (prompt).
         ratio: fraction of (real) tokens *removed*, in ``[0, 1)``; 0 changes nothing.
         budget: tokens kept (instead of ``ratio``), e.g. a KV budget per layer.
         capacity: KV only: the cache's maximum real tokens per layer and head; the cache is evicted back to
@@ -113,10 +118,12 @@ class Reducer:
         every: decode phase: evict every ``every`` steps (amortises the selection; the cache may exceed
             ``capacity`` by ``every − 1`` tokens in between).
         name: a label for reports.
+        stages: hidden target: explicit :class:`~tokensmith.pruning.hidden.Stage` list (instead of ``layers``).
+        r: encoder target: tokens merged per layer.
     """
 
     target: str = "kv"
-    scorer: Scorer | str = "snapkv"
+    scorer: Scorer | str | None = None
     ratio: float | None = None
     budget: int | None = None
     capacity: int | None = None
@@ -130,23 +137,27 @@ class Reducer:
     every: int = 1
     name: str = ""
     stages: Sequence[Any] | None = None
+    r: int | None = None
     _spans: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.target not in _TARGETS:
+            raise ValueError(f"target must be one of {_TARGETS}, got {self.target!r}")
+        if self.target == "encoder":
+            if self.r is None or int(self.r) < 0:
+                raise ValueError(
+                    "target='encoder' merges r tokens per layer (ToMe): give r= (a non-negative int)"
+                )
+            self.action = "merge"
+        elif self.action not in _ACTIONS:
             raise ValueError(
-                f"target must be one of {_TARGETS}, got {self.target!r} (prompt compression: "
-                "tokensmith.pruning.compress; encoder token merging: tokensmith.pruning.tome_encoder)"
-            )
-        if self.action not in _ACTIONS:
-            raise ValueError(
-                f"action must be one of {_ACTIONS}, got {self.action!r} (merging: tokensmith.pruning.merge)"
+                f"action must be one of {_ACTIONS}, got {self.action!r} (merging: target='encoder', or "
+                "tokensmith.pruning.bipartite_merge)"
             )
         if self.positions not in _POSITIONS:
             raise ValueError(f"positions must be one of {_POSITIONS}, got {self.positions!r}")
         if self.phase not in _PHASES:
             raise ValueError(f"phase must be one of {_PHASES}, got {self.phase!r}")
-        self.scorer = get_scorer(self.scorer)
         if self.ratio is not None:
             r = float(self.ratio)
             if not (0.0 <= r < 1.0) or math.isnan(r):
@@ -157,6 +168,22 @@ class Reducer:
             v = getattr(self, k)
             if v is not None and int(v) < 1:
                 raise ValueError(f"{k} must be a positive number of tokens, got {v!r}")
+        if int(self.every) < 1:
+            raise ValueError(f"every must be >= 1, got {self.every!r}")
+        if self.target == "encoder":
+            self.scorer = None
+            return
+        if self.target == "prompt":
+            if self.ratio is None:
+                raise ValueError("target='prompt' needs ratio= (the fraction of the prompt's tokens removed)")
+            if self.scorer is not None:
+                self.scorer = get_scorer(self.scorer)
+            return
+        if self.scorer is None:
+            from tokensmith.pruning.scores import AttentionReceived, ObservationWindow
+
+            self.scorer = ObservationWindow() if self.target == "kv" else AttentionReceived(rows="last")
+        self.scorer = get_scorer(self.scorer)
         if self.target == "kv":
             if self.ratio is None and self.budget is None and self.capacity is None:
                 raise ValueError(
@@ -166,8 +193,6 @@ class Reducer:
                 raise ValueError(f"phase={self.phase!r} keeps the cache within capacity=; give capacity=")
             if self.action == "mask" and self.positions != "preserve":
                 raise ValueError("action='mask' keeps the cache whole, so positions must be 'preserve'")
-        if int(self.every) < 1:
-            raise ValueError(f"every must be >= 1, got {self.every!r}")
         if self.select is None:
             self.select = TopK(ratio=self.ratio)
 
@@ -231,6 +256,16 @@ class Reducer:
                 rotary_layouts(adapter)
             except ValueError as e:
                 raise ValueError(f"positions='rerotate' needs rotary position embeddings: {e}") from e
+        if self.target == "prompt":
+            raise ValueError(
+                "target='prompt' compresses text: call reducer.compress(adapter, text, question=...)"
+            )
+        if self.target == "encoder":
+            from tokensmith.pruning.merge import tome_encoder
+
+            with tome_encoder(adapter, int(self.r), layers=self.layers) as rep:  # type: ignore[arg-type]
+                yield rep
+            return
         if self.target == "kv":
             from tokensmith.pruning.generate import pruned_generate
             from tokensmith.pruning.kv import KVSession
@@ -259,6 +294,16 @@ class Reducer:
                 if not had:
                     del adapter.generate
             del _hidden
+
+    def compress(self, adapter: ModelAdapter, text: str, question: str | None = None, **kw: Any) -> Any:
+        """Prompt target: :func:`tokensmith.pruning.prompt.compress` at rate ``1 − ratio`` with this recipe's
+        scorer (self-information from ``adapter`` when None)."""
+        if self.target != "prompt":
+            raise ValueError("Reducer.compress is for target='prompt'")
+        from tokensmith.pruning.prompt import compress
+
+        rate = 1.0 - float(self.ratio)  # type: ignore[arg-type]
+        return compress(text, adapter, rate=rate, question=question, scorer=self.scorer, **kw)  # type: ignore[arg-type]
 
     def forward(self, adapter: ModelAdapter, inputs: Any, **kw: Any) -> Any:
         """Hidden target: the pruned forward (:func:`tokensmith.pruning.hidden.pruned_forward`) with this

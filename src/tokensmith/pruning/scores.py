@@ -594,8 +594,11 @@ def token_logprobs_of(lm: ModelAdapter, ids: torch.Tensor, valid: torch.Tensor) 
     """``[B, T]`` log p(x_t | x_<t) of every token under ``lm`` (left-padded rows handled); the first real
     token of each row gets ``-inf`` (no prefix, always kept by :func:`self_information`)."""
     am = valid.long()
+    first_real = (am.cumsum(-1) == 1) & am.bool()  # nothing predicts a row's first token
     with torch.no_grad():
-        lp = lm.token_logprobs({"input_ids": ids.clamp_min(0), "attention_mask": am}, target_mask=am.bool())
+        lp = lm.token_logprobs(
+            {"input_ids": ids.clamp_min(0), "attention_mask": am}, target_mask=am.bool() & ~first_real
+        )
     lp = lp.float().cpu()
     first = am.argmax(-1)
     lp[torch.arange(ids.shape[0]), first] = -math.inf
