@@ -331,3 +331,23 @@ def test_encoder_and_prompt_targets(shared_tiny):
         Reducer(target="encoder")
     with pytest.raises(ValueError, match="ratio="):
         Reducer(target="prompt")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_continuation_logprobs_protocol(shared_tiny, arch):
+    """Unpruned (and ratio 0) equals token_logprobs of context+continuation; drop equals mask."""
+    from tokensmith.pruning.evaluate import continuation_logprobs
+
+    ad = shared_tiny(arch)
+    ctx, cont = PROMPT, " and it never came back to the village again"
+    ids = ad.tokenizer(ctx + cont, add_special_tokens=False).input_ids
+    n = len(ids) - len(continuation_logprobs(ad, None, ctx, cont))
+    tm = torch.zeros(1, len(ids), dtype=torch.bool)
+    tm[0, n:] = True
+    ref = ad.token_logprobs({"input_ids": torch.tensor([ids])}, target_mask=tm)[0, n:]
+    for red in (None, Reducer(target="kv", scorer=KeyNorm(), ratio=0.0)):
+        torch.testing.assert_close(continuation_logprobs(ad, red, ctx, cont), ref.float(), rtol=0, atol=1e-4)
+    drop = continuation_logprobs(ad, presets.snapkv(ratio=0.5, window=4), ctx, cont)
+    mask = continuation_logprobs(ad, presets.snapkv(ratio=0.5, window=4, action="mask"), ctx, cont)
+    torch.testing.assert_close(drop, mask, rtol=0, atol=1e-4)
+    assert float((drop - ref).abs().max()) > 1e-3

@@ -22,7 +22,7 @@ Every method is *score -> select -> act (drop / mask / merge) -> fix positions*:
     True
 """
 
-from tokensmith.pruning import demo, haystack, presets  # noqa: F401  (demo registers the report section)
+from tokensmith.pruning import demo, evaluate, haystack, presets  # noqa: F401  (demo registers the report section)
 from tokensmith.pruning.hidden import (
     HiddenPruneOutput,
     Stage,
@@ -55,6 +55,7 @@ __all__ = [
     "cache_bytes",
     "presets",
     "haystack",
+    "evaluate",
     "Stage",
     "HiddenPruneOutput",
     "pruned_forward",

@@ -243,6 +243,8 @@ class KVSession:
             kept = [self.report.kept[i].amax(-1) for i in self.layers if i in self.report.kept]
             if kept:
                 self.next_pos = torch.stack(kept).amax(0).to(self.next_pos.device).long()  # type: ignore[union-attr]
+        if self.next_pos is not None:
+            self.report.extra["next_position"] = self.next_pos.detach().cpu().clone()
 
     def _layer_pre(self, i: int):
         def hook(module: Any, args: tuple, kwargs: dict) -> None:
