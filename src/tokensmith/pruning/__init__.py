@@ -7,6 +7,7 @@ Every method is *score -> select -> act (drop / mask / merge) -> fix positions*:
 - :mod:`~tokensmith.pruning.select`: ratio / budget / threshold / k-center selection, per-layer schedules;
 - :mod:`~tokensmith.pruning.merge`: ToMe bipartite merging, ``Y = W·X`` transforms, encoder token merging
   (:func:`tome_encoder`);
+- :mod:`~tokensmith.pruning.ltp`: learned token pruning thresholds (LTP) with physical staged inference;
 - :func:`compress`: prompt compression, text in -> shorter text out (LLMLingua / LongLLMLingua);
 - :class:`Reducer` applies a recipe to a model: ``with reducer.apply(adapter) as report: adapter.generate(...)``;
   :mod:`~tokensmith.pruning.presets` names the papers' recipes;
@@ -30,6 +31,15 @@ from tokensmith.pruning.hidden import (
     hidden_flops_ratio,
     layer_costs,
     pruned_forward,
+)
+from tokensmith.pruning.ltp import (
+    LTPOutput,
+    LTPThresholds,
+    classification_loss,
+    ltp_forward,
+    ltp_mask_forward,
+    next_token_loss,
+    train_ltp_thresholds,
 )
 from tokensmith.pruning.merge import *  # noqa: F401,F403
 from tokensmith.pruning.merge import __all__ as _merge_all
@@ -62,6 +72,13 @@ __all__ = [
     "decode_step",
     "layer_costs",
     "hidden_flops_ratio",
+    "LTPThresholds",
+    "LTPOutput",
+    "ltp_forward",
+    "ltp_mask_forward",
+    "train_ltp_thresholds",
+    "classification_loss",
+    "next_token_loss",
     "compress",
     "CompressedPrompt",
     "rank_demonstrations",
