@@ -567,8 +567,9 @@ def ltp_mask_forward(
         mask_keys: also mask dropped tokens as attention keys (default: True for hard, False for soft).
         protect: tokens never pruned: ``"auto"`` (last token of a causal LM, [CLS] of an encoder),
             ``"first"``, ``"last"``, ``"both"``, None, or a ``[B, T]`` bool mask.
-        pooling, normalize: pooled output (``"mean"`` weighted by ``M_L``, ``"cls"``, ``"last"``; default:
-            the adapter's pooling config, else mean for encoders and last for causal LMs).
+        pooling: pooled output (``"mean"`` weighted by ``M_L``, ``"cls"``, ``"last"``; default: the adapter's
+            pooling config, else mean for encoders and last for causal LMs).
+        normalize: L2-normalise the pooled output (default: the adapter's pooling config).
         head: optional module applied to the pooled output (its result is ``logits``).
         grad: keep the autograd graph (training); default runs under ``torch.no_grad``.
 
@@ -702,7 +703,10 @@ def ltp_forward(
         adapter: an encoder (BERT, MiniLM) or a causal LM (the last token is always kept).
         inputs: text(s), an :class:`~tokensmith.models.EncodedBatch` or ids.
         thresholds: an :class:`LTPThresholds` or ``[L]`` values; ``-inf`` everywhere is the plain forward.
-        protect, pooling, normalize, head: as in :func:`ltp_mask_forward`.
+        protect: as in :func:`ltp_mask_forward`.
+        pooling: as in :func:`ltp_mask_forward`.
+        normalize: as in :func:`ltp_mask_forward`.
+        head: as in :func:`ltp_mask_forward`.
 
     Returns:
         :class:`LTPOutput` (``hidden`` holds only the kept tokens; ``columns`` says which they are).
@@ -909,9 +913,13 @@ def train_ltp_thresholds(
         progress: tqdm bar.
         thresholds: start from these (trained in place) instead of a new ramp from ``theta_base``/``layers``.
         cumulative: cumulative masks (see the module docstring).
-        train_model, model_lr: also train the model's parameters.
+        train_model: also train the model's parameters.
+        model_lr: learning rate of the model's parameters (with ``train_model``).
         extra_params: further parameters to train with the thresholds at ``lr`` (e.g. a classification head).
-        protect, pooling, normalize, head: as in :func:`ltp_mask_forward`.
+        protect: as in :func:`ltp_mask_forward`.
+        pooling: as in :func:`ltp_mask_forward`.
+        normalize: as in :func:`ltp_mask_forward`.
+        head: as in :func:`ltp_mask_forward`.
 
     Returns:
         The trained :class:`LTPThresholds`; ``.history`` holds per-step ``loss``, ``task``, ``penalty`` (the
