@@ -63,7 +63,8 @@ def test_round_trip_bytes_and_offsets(name, text):
     assert all(b in v.missing_bytes for b in e.data[pos:])
     # special-token strings typed by a user are text, never control tokens
     assert not set(e.ids) & v.special_ids
-    assert v.is_canonical(e.ids)
+    if not any(b in v.missing_bytes for b in e.data):  # a dropped byte can join its neighbours into one token
+        assert v.is_canonical(e.ids)
 
 
 @settings(max_examples=60, deadline=None)

@@ -104,8 +104,8 @@ def pruning_section(adapter: ModelAdapter, ctx: ReportContext) -> Section:
         "the cache tensors (held / unpruned).</p>"
         + H.table(["preset", "answer", "needle", "KV MiB held / unpruned", "kind", "seconds"], rows, raw=True)
         + "<p>Which context tokens SnapKV kept (darker = kept in more layer × KV-head slots; the needle is "
-        "outlined). SnapKV scores each token by the attention it receives from the last 32 prompt tokens "
-        "(the question), max-pooled over 5 neighbours, per KV head.</p>"
+        "outlined). SnapKV scores each token by the attention it receives from the last 64 prompt tokens "
+        "(the question and the end of the context), average-pooled over 5 neighbours, per KV head.</p>"
         + '<div class="chips" dir="ltr">'
         + "".join(chips)
         + "</div>"

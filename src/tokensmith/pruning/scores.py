@@ -488,9 +488,9 @@ class ObservationWindow(Scorer):
     name: ClassVar[str] = "snapkv"
     needs: ClassVar[frozenset[str]] = frozenset({"attention"})
     per_head: ClassVar[bool] = True
-    window: int = 32
+    window: int = 64
     kernel: int = 5
-    pooling: str = "max"
+    pooling: str = "avg"
 
     @property  # type: ignore[override]
     def rows(self) -> int:
