@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import platform
@@ -332,6 +333,10 @@ def experiment(kind: str, args: argparse.Namespace, seed: int) -> dict[str, Any]
 
 
 # ----------------------------------------------------------------------------------------------- report
+def _la(x: Any) -> str:
+    return "(" + ", ".join(f"{v:.1f}" for v in x) + ")"
+
+
 def _mean_sd(xs: list[float]) -> str:
     if len(xs) == 1:
         return f"{xs[0]:.3f}"
@@ -344,12 +349,19 @@ def markdown(res: dict[str, Any]) -> str:
         "# Token-weighted fine-tuning: plain CE vs Rho-1 vs TLDR (held-out loss per frequency bucket)",
         "",
         f"torch {m['torch']}, transformers {m['transformers']}, {m['platform']}, {m['threads']} torch thread(s) on "
-        f"{m['cpu_count']} CPUs; load average at start {m['loadavg_start']}, at end {m['loadavg_end']}; "
-        f"total {m['total_s']:.0f} s. Corpus: `pydoc_data.topics` prose "
+        f"{m['cpu_count']} CPUs; "
+        + "; ".join(
+            f"`--models {v['models']}`: load average {_la(v['loadavg_start'])} at start, "
+            f"{_la(v.get('loadavg_end', ()))} at end, "
+            f"{v.get('total_s', 0):.0f} s"
+            for v in m["invocations"]
+        )
+        + ". Corpus: `pydoc_data.topics` prose "
         f"({m['paragraphs']} paragraphs), SmolLM2 tokenizer. Protocol: see the script's docstring.",
         "",
     ]
-    for seeds in res["runs"].values():
+    for kind in sorted(res["runs"], key=lambda k: k != "tiny"):
+        seeds = res["runs"][kind]
         r0 = seeds[0]
         i = r0["info"]
         nb = len(r0["buckets"])
@@ -464,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="tiny model only, few steps: checks that it runs (<1 min)"
     )
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument(
+        "--append", action="store_true", help="keep the other models' runs of the existing result file"
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.models, args.seeds, args.n_evals = "tiny", "0", 0
@@ -487,18 +502,31 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "loadavg_start": tuple(round(x, 1) for x in os.getloadavg()),
         "paragraphs": len(english_paragraphs()),
-        "args": vars(args),
     }
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    runs: dict[str, list[dict[str, Any]]] = {}
+    stem = "objectives_experiment" + ("_quick" if args.quick else "")
+    res: dict[str, Any] = {"meta": meta, "runs": {}}
+    prev = Path(args.out) / f"{stem}.json"
+    if args.append and prev.exists():
+        old = json.loads(prev.read_text())
+        res["runs"] = old.get("runs", {})
+        meta["invocations"] = old.get("meta", {}).get("invocations", [])
+    inv = {
+        "models": args.models,
+        "seeds": args.seeds,
+        "loadavg_start": meta["loadavg_start"],
+        "args": vars(args),
+    }
+    meta.setdefault("invocations", []).append(inv)
     for kind in [k for k in args.models.split(",") if k]:
         if kind not in ("tiny", "smollm2"):
             ap.error(f"unknown model {kind!r}: use tiny, smollm2")
-        runs[kind] = [experiment(kind, args, s) for s in (seeds if kind == "tiny" else seeds[:1])]
-    meta["loadavg_end"] = tuple(round(x, 1) for x in os.getloadavg())
-    meta["total_s"] = time.perf_counter() - t_start
-    res = {"meta": meta, "runs": runs}
-    write_results(args.out, "objectives_experiment" + ("_quick" if args.quick else ""), res, markdown(res))
+        res["runs"][kind] = []
+        for s in seeds if kind == "tiny" else seeds[:1]:
+            res["runs"][kind].append(experiment(kind, args, s))
+            inv["loadavg_end"] = tuple(round(x, 1) for x in os.getloadavg())
+            inv["total_s"] = time.perf_counter() - t_start
+            write_results(args.out, stem, res, markdown(res))  # after every run: a crash keeps what is done
     return 0
 
 
