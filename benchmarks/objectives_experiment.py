@@ -10,18 +10,22 @@ What it runs (METHODS.md 3B, OPT-B1/B2; issue 10 "Must show"):
   random contiguous span of half their tokens replaced by ids drawn uniformly from the vocabulary (special
   tokens excluded): a stand-in for the garbage of web text (boilerplate, encoding errors, random strings).
   The held-out and clean blocks stay clean.
-- **Initial model = Rho-1's reference.** Rho-1's reference is "a model trained on high-quality data". SmolLM2:
-  the pretrained SmolLM2 itself. Tiny model: a random ``ts.tiny("llama")`` first trained with plain CE on the
-  clean subset for ``--tiny-pretrain-steps`` steps (stage 1: it stands in for the pretrained model, and a
-  random model would make TLDR identical to CE: at p ~ 1/V its weight is 2 everywhere and Adam is
-  scale-invariant). Every objective then fine-tunes a copy of that model (stage 2), and a frozen copy is the
-  reference. At the first fine-tuning step the excess loss is therefore exactly 0 and that step's selection
-  falls back to position order (ties are broken row-major).
+- **Initial model.** SmolLM2: the pretrained SmolLM2-135M-Instruct. Tiny model: a random ``ts.tiny("llama")``
+  first trained with plain CE on the clean subset for ``--tiny-pretrain-steps`` steps (stage 1: it stands in
+  for a pretrained model; a random model would make TLDR identical to CE: at p ~ 1/V its weight is 2
+  everywhere and Adam is scale-invariant). Every objective fine-tunes a copy of it (stage 2).
+- **Rho-1's reference**, two variants side by side: ``rho1`` uses the frozen initial model (no extra training;
+  the excess loss is then exactly 0 at the first step, whose selection falls back to position order, and
+  later measures how far the policy has moved away from the initial model), ``rho1_clean`` the paper's recipe,
+  "a reference model trained on high-quality data": a copy of the initial model trained with plain CE on the
+  clean subset for ``--tiny-ref-steps`` / ``--smollm2-ref-steps`` more steps, then frozen. This reference has
+  seen clean data the other objectives never see (as in the paper).
 - **Objectives**, all from the same initial weights, on the same batches in the same order, with AdamW
   (constant LR, no weight decay, gradient norm clipped at 1.0, as HF Trainer's default):
-  ``ce`` (plain mean CE, ``weighter=None``), ``rho1`` (:class:`~tokensmith.optimization.training.Rho1`, top
-  ``--keep-ratio`` of each batch's tokens by signed excess loss, reference CE computed on the fly each step)
-  and ``tldr`` (:class:`~tokensmith.optimization.training.TLDR`, w = cos(pi p) + 1, gradient through w).
+  ``ce`` (plain mean CE, ``weighter=None``), ``rho1`` and ``rho1_clean``
+  (:class:`~tokensmith.optimization.training.Rho1`, top ``--keep-ratio`` of each batch's tokens by signed excess
+  loss, the reference's CE computed on the fly each step) and ``tldr``
+  (:class:`~tokensmith.optimization.training.TLDR`, w = cos(pi p) + 1, gradient through w).
 - **Lock step.** Every step runs all objectives on the batch one after another, in an order rotated each
   step, so the per-step time ratios against ``ce`` are paired (drift on the shared machine hits all alike).
   A step = forward, (Rho-1: reference forward under no_grad), loss, backward, clip, AdamW step.
@@ -64,7 +68,7 @@ from proc_memory import write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOLLM2 = "smollm2-135m-instruct"
-OBJECTIVES = ("ce", "rho1", "tldr")
+OBJECTIVES = ("ce", "rho1", "rho1_clean", "tldr")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -145,21 +149,33 @@ def bucket_losses(
 class Run:
     """One objective's model, optimizer and per-step records."""
 
-    def __init__(self, name: str, model: torch.nn.Module, lr: float, keep_ratio: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        lr: float,
+        keep_ratio: float,
+        ref: torch.nn.Module | None = None,
+    ) -> None:
         from tokensmith.optimization.training import TLDR, Rho1
 
-        self.name, self.model = name, model
+        self.name, self.model, self.ref = name, model, ref
         self.model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
-        self.weighter = {"ce": None, "rho1": Rho1(keep_ratio), "tldr": TLDR()}[name]
+        self.weighter = {
+            "ce": None,
+            "rho1": Rho1(keep_ratio),
+            "rho1_clean": Rho1(keep_ratio),
+            "tldr": TLDR(),
+        }[name]
         self.times: list[float] = []
         self.loss_ce: list[float] = []
         self.kept: list[float] = []
         self.noise_share: list[float] = []
         self.weight_mean: list[float] = []
 
-    def step(self, ids: torch.Tensor, noise_labels: torch.Tensor, ref: torch.nn.Module | None) -> None:
+    def step(self, ids: torch.Tensor, noise_labels: torch.Tensor) -> None:
         from tokensmith.optimization.training import (
             compute_token_objective,
             reference_token_loss,
@@ -170,8 +186,8 @@ class Run:
         labels, mask = shift_labels(ids)
         logits = self.model(input_ids=ids, use_cache=False).logits
         extra = {}
-        if self.name == "rho1":
-            extra["ref_token_loss"] = reference_token_loss(ref, ids, None, labels, mask)
+        if self.ref is not None:
+            extra["ref_token_loss"] = reference_token_loss(self.ref, ids, None, labels, mask)
         out = compute_token_objective(logits, labels, mask, self.weighter, **extra)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -188,13 +204,13 @@ class Run:
 def train_ce(
     model: torch.nn.Module, blocks: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int
 ) -> None:
-    """Plain-CE training on clean blocks (in place): stage 1 of the tiny runs."""
+    """Plain-CE training on clean blocks (in place): stage 1 of the tiny runs, and the clean reference."""
     run = Run("ce", model, lr, 1.0)
     order = _order(blocks.shape[0], steps * batch_size, seed)
     zeros = torch.zeros(batch_size, blocks.shape[1], dtype=torch.bool)
     for s in range(steps):
         ids = blocks[order[s * batch_size : (s + 1) * batch_size]]
-        run.step(ids, zeros[: ids.shape[0]], None)
+        run.step(ids, zeros[: ids.shape[0]])
     model.eval()
 
 
@@ -244,10 +260,19 @@ def experiment(kind: str, args: argparse.Namespace, seed: int) -> dict[str, Any]
             flush=True,
         )
     evals["init"] = bucket_losses(init, held, bucket_ids)
-    ref = copy.deepcopy(init)
-    ref.eval()
-    ref.requires_grad_(False)
-    runs = {name: Run(name, copy.deepcopy(init), lr, args.keep_ratio) for name in args.objectives}
+    refs = {"rho1": copy.deepcopy(init).eval().requires_grad_(False)}
+    ref_steps = args.tiny_ref_steps if tiny else args.smollm2_ref_steps
+    ref_lr = args.tiny_pretrain_lr if tiny else lr
+    if "rho1_clean" in args.objectives:
+        t1 = time.perf_counter()
+        ref_clean = copy.deepcopy(init)
+        train_ce(ref_clean, sp["ref"], ref_steps, B, ref_lr, seed + 4)
+        refs["rho1_clean"] = ref_clean.requires_grad_(False)
+        evals["reference (clean)"] = bucket_losses(ref_clean, held, bucket_ids)
+        print(f"  clean reference: {ref_steps} more CE steps in {time.perf_counter() - t1:.0f} s", flush=True)
+    runs = {
+        name: Run(name, copy.deepcopy(init), lr, args.keep_ratio, refs.get(name)) for name in args.objectives
+    }
     order = _order(len(train), steps * B, seed + 3)
     names = list(runs)
     curves: dict[str, list[tuple[int, float]]] = {n: [] for n in names}
@@ -256,7 +281,7 @@ def experiment(kind: str, args: argparse.Namespace, seed: int) -> dict[str, Any]
         idx = order[s * B : (s + 1) * B]
         k = s % len(names)
         for name in names[k:] + names[:k]:
-            runs[name].step(train[idx], noise_labels[idx], ref)
+            runs[name].step(train[idx], noise_labels[idx])
         if eval_every and (s + 1) % eval_every == 0 and s + 1 < steps:
             for name in names:
                 curves[name].append((s + 1, bucket_losses(runs[name].model, held, bucket_ids)["loss"]))
@@ -322,6 +347,8 @@ def experiment(kind: str, args: argparse.Namespace, seed: int) -> dict[str, Any]
         "pretrain_steps": pre_steps,
         "pretrain_lr": (args.tiny_pretrain_lr if tiny else lr) if pre_steps else None,
         "keep_ratio": args.keep_ratio,
+        "ref_steps": ref_steps if "rho1_clean" in args.objectives else 0,
+        "ref_lr": ref_lr,
         "wall_s": time.perf_counter() - t0,
     }
     print(
@@ -373,13 +400,16 @@ def markdown(res: dict[str, Any]) -> str:
             f"batch {i['batch']}, {i['steps']} steps, AdamW lr {i['lr']:g} (constant, clip 1.0); "
             f"{i['noise_blocks']:.0%} of the training blocks half-corrupted "
             f"({i['noise_label_fraction']:.1%} of the training labels are noise); Rho-1 keep ratio "
-            f"{i['keep_ratio']}, reference = the frozen initial model"
+            f"{i['keep_ratio']}. Initial model"
             + (
                 f" = a random init trained with CE on the clean subset ({i['n_blocks']['ref']} blocks) for "
                 f"{i['pretrain_steps']} steps at lr {i['pretrain_lr']:g} (stage 1)"
                 if i["pretrain_steps"]
-                else " (pretrained)"
+                else ": the pretrained model"
             )
+            + ". Reference of `rho1`: the frozen initial model; of `rho1_clean`: the initial model trained with "
+            f"CE on the clean subset for {i.get('ref_steps', 0)} more steps (lr {i.get('ref_lr', 0):g}), "
+            "frozen (Rho-1's recipe: a reference trained on high-quality data)"
             + f"; held-out: {i['n_blocks']['held_out_evaluated']} clean blocks; seeds "
             f"{[s['info']['seed'] for s in seeds]} (mean ± sd over seeds where more than one).",
             "",
@@ -394,7 +424,7 @@ def markdown(res: dict[str, Any]) -> str:
             "| model | held-out loss | " + " | ".join(f"bucket {j}" for j in range(nb)) + " |",
             "|---|---:|" + "---:|" * nb,
         ]
-        for name in ["before stage 1", "init", *names]:
+        for name in ["before stage 1", "init", "reference (clean)", *names]:
             if name not in r0["eval"]:
                 continue
             vals = [_mean_sd([s["eval"][name]["loss"] for s in seeds])]
@@ -464,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         "--tiny-pretrain-steps", type=int, default=150, help="stage 1: CE steps on the clean subset"
     )
     ap.add_argument("--tiny-pretrain-lr", type=float, default=3e-3)
+    ap.add_argument(
+        "--tiny-ref-steps", type=int, default=50, help="rho1_clean: more CE steps on the clean subset"
+    )
     ap.add_argument("--smollm2-seq-len", type=int, default=128)
     ap.add_argument("--smollm2-batch", type=int, default=2)
     ap.add_argument("--smollm2-steps", type=int, default=10)
@@ -471,6 +504,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smollm2-eval-blocks", type=int, default=16)
     ap.add_argument(
         "--smollm2-pretrain-steps", type=int, default=0, help="CE steps on the clean subset first"
+    )
+    ap.add_argument(
+        "--smollm2-ref-steps",
+        type=int,
+        default=20,
+        help="rho1_clean: CE steps of the reference, clean subset",
     )
     ap.add_argument(
         "--quick", action="store_true", help="tiny model only, few steps: checks that it runs (<1 min)"
@@ -483,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.models, args.seeds, args.n_evals = "tiny", "0", 0
         args.tiny_layers, args.tiny_hidden, args.tiny_batch, args.tiny_seq_len = 2, 64, 4, 32
-        args.tiny_steps, args.tiny_pretrain_steps = 8, 12
+        args.tiny_steps, args.tiny_pretrain_steps, args.tiny_ref_steps = 8, 12, 4
     args.objectives = tuple(o for o in args.objectives.split(",") if o)
     bad = set(args.objectives) - set(OBJECTIVES)
     if bad:
