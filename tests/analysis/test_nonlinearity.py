@@ -165,6 +165,33 @@ def test_identity_blocks_are_perfectly_linear(arch, shared_tiny):
     assert float(g.nonlinearity.mean()) > 1e-2
 
 
+def test_blocks_that_are_random_linear_maps_give_zero_residual():
+    # each block's output replaced by h_in @ W_l (W_l random, full rank): consecutive depths are exact linear maps
+    ad = ts.tiny("llama", seed=2)
+    d = ad.structure.hidden_size
+    maps = [torch.randn(d, d, generator=_g(10 + i)) / math.sqrt(d) for i in range(ad.structure.num_layers)]
+
+    def make(W):
+        def hook(_mod, args, kwargs, out):
+            h = args[0] if args else kwargs["hidden_states"]
+            new = h @ W
+            return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+
+        return hook
+
+    handles = [layer.register_forward_hook(make(W), with_kwargs=True)
+               for layer, W in zip(ad.structure.layers, maps, strict=True)]
+    try:
+        f = token_nonlinearity(ad, TEXTS, ridge=0.0, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(f.meta["linearity"]) == ad.structure.num_layers
+    # fp32 states: the map holds to rounding (~1e-7 relative per entry), and E_i is relative (unit Frobenius)
+    assert float(f.nonlinearity.abs().max()) < 1e-4
+    assert all(abs(v - 1) < 1e-8 for v in f.meta["linearity"].values())
+
+
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_streamed_equals_in_memory(batch_size, shared_tiny):
     ad = shared_tiny("llama")

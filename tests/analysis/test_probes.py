@@ -146,8 +146,8 @@ def llama_reference(shared_tiny):
         ids = ad.encode(t).input_ids.tolist()
         s = "held" if i in held else "train"
         for d, h in enumerate(_depth_states(ad, ids)):
-            X[s][d].append(h[:-1])
-        Y[s] += ids[1:]
+            X[s][d].append(h[1:-1])  # skip_first=True: the first token is no input
+        Y[s] += ids[2:]
     vocab = sorted(set(Y["train"]) | set(Y["held"]))
     ref = {}
     for d in range(ad.structure.num_layers + 1):
@@ -238,3 +238,12 @@ def test_plot(llama_reference):
     ax = f.plot()
     assert len(ax.get_lines()) == 4  # train/held-out points and their fitted lines
     plt.close(ax.figure)
+
+
+def test_skip_first_counts(shared_tiny):
+    ad = shared_tiny("llama")
+    on = prediction_residual_by_layer(ad, TEXTS, layers=[1], holdout=0.0, progress=False)
+    off = prediction_residual_by_layer(ad, TEXTS, layers=[1], holdout=0.0, skip_first=False, progress=False)
+    n_pred = sum(len(ad.encode(t).input_ids) - 1 for t in TEXTS)
+    assert off.n_train.tolist() == [n_pred] and on.n_train.tolist() == [n_pred - len(TEXTS)]
+    assert on.meta["skip_first"] and not off.meta["skip_first"]

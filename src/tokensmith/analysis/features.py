@@ -62,7 +62,8 @@ def next_token_features(
         adapter: a causal LM with its head.
         texts: a str, a list of str or token ids, a ``[N, T]`` id tensor, or a ``datasets.Dataset`` whose
             ``column`` holds the texts (its other columns, e.g. ``label``, are carried over).
-        batch_size, max_length: batching (left-padded, exact) and per-text truncation in tokens.
+        batch_size: texts per forward pass (left-padded batches, exact).
+        max_length: truncate each text to this many tokens.
         per: ``"text"``: one row per text, list columns; ``"token"``: one row per predicted token.
         column: the text column of a Dataset.
         hidden: also return the final-normed last-layer state at each predicting position (``d`` floats).

@@ -517,7 +517,8 @@ def knn_overlap(X: Any, Y: Any, k: int = 10) -> float:
     unrelated clouds. Computed in float64 row blocks (no ``N × N`` matrix).
 
     Args:
-        X, Y: ``[N, d_x]`` and ``[N, d_y]`` points.
+        X: ``[N, d_x]`` points.
+        Y: ``[N, d_y]`` the same points in another representation (row ``i`` is point ``i``).
         k: neighbours per point, ``1 ≤ k < N``.
 
     Raises:
@@ -653,10 +654,12 @@ def token_geometry(
         max_points: the token sample size for the point statistics (memory ``max_points × depths × d`` fp32).
         shuffled: also compute the shuffled control.
         seed: seeds the token sample and the shuffling.
-        batch_size, max_length: batching (left-padded) and per-text truncation.
+        batch_size: texts per forward pass (left-padded batches).
+        max_length: truncate each text to this many tokens.
         skip_first: leave out each text's first token (above).
         var: the variance fraction of ``effective_rank``.
-        discard, id_method: :func:`twonn`'s ``discard`` and ``method``.
+        discard: :func:`twonn`'s ``discard``.
+        id_method: :func:`twonn`'s ``method`` (``"fit"`` or ``"mle"``).
         column: the text column of a Dataset.
         progress: tqdm bars over the texts and the layers.
 

@@ -322,7 +322,8 @@ def logit_lens_stats(
         adapter: a causal LM with its head.
         texts: a str, a list of str or token ids, a ``[N, T]`` id tensor, or a ``datasets.Dataset`` (``column``).
         layers: depths (default ``0..L``); the final depth is always computed (for KL and agreement).
-        batch_size, max_length: batching (left-padded) and per-text truncation.
+        batch_size: texts per forward pass (left-padded batches).
+        max_length: truncate each text to this many tokens.
         progress: a tqdm bar over the texts.
         column: the text column of a Dataset.
         chunk: rows (depth × position) unembedded per call.

@@ -243,7 +243,8 @@ def token_nonlinearity(
         layers: hidden-state depths (``0`` = embeddings, ``l`` = output of block ``l−1``); every ``l`` with
             ``l+1`` also in ``layers`` gives a pair ``l → l+1``. None: all ``L`` pairs.
         ridge: relative ridge ``λ`` (module docstring); ``0`` = plain (minimum-norm) least squares.
-        batch_size, max_length: as :func:`~tokensmith.analysis.stream.stream_hidden`.
+        batch_size: texts per forward pass (as :func:`~tokensmith.analysis.stream.stream_hidden`).
+        max_length: truncate each text to this many tokens.
         skip_first: leave out each text's first token, from the fit and from the rows. The first position is
             an attention sink with hidden-state norms orders of magnitude above the rest in trained LMs; kept,
             it dominates the Frobenius normalisation and the fit. ``False`` keeps it.
@@ -458,7 +459,8 @@ def contextualization(
         adapter: a decoder-only or encoder-only adapter.
         texts: a corpus (:func:`~tokensmith.analysis.stream.as_texts`).
         layers: hidden-state depths, None for all ``0..L``.
-        batch_size, max_length: as :func:`~tokensmith.analysis.stream.stream_hidden`.
+        batch_size: texts per forward pass (as :func:`~tokensmith.analysis.stream.stream_hidden`).
+        max_length: truncate each text to this many tokens.
         skip_first: leave out each text's first token (in a causal LM without BOS it is its own "alone").
         alone_batch_size: sequences per forward for the alone states.
         progress: a tqdm bar.

@@ -222,7 +222,8 @@ def ridge_prediction_residual(
         X: ``[N, d]`` features.
         y: ``[N]`` integer class labels (one-hot targets over the labels that occur) or ``[N, K]`` real targets.
         ridge: relative ridge ``>= 0``.
-        X_test, y_test: optional held-out data, scored with the training fit; its TSS is around its own mean.
+        X_test: optional held-out states, scored with the training fit (its TSS is around its own mean).
+        y_test: the held-out labels (give both or neither).
 
     Returns:
         ``(pr_train, pr_test)``; ``pr_test`` is None without test data, NaN when its TSS is 0.
@@ -350,6 +351,7 @@ def prediction_residual_by_layer(
     seed: int = 0,
     batch_size: int = 8,
     max_length: int | None = None,
+    skip_first: bool = True,
     progress: bool = True,
     column: str = "text",
 ) -> AnalysisFrame:
@@ -365,7 +367,12 @@ def prediction_residual_by_layer(
             tokens than the hidden size).
         holdout: fraction of the *texts* held out (seeded split), in ``[0, 1)``; 0 = no held-out split.
         seed: seed of the split (``torch.Generator``).
-        batch_size, max_length: as :func:`~tokensmith.analysis.stream.stream_hidden`.
+        batch_size: texts per forward pass (as :func:`~tokensmith.analysis.stream.stream_hidden`).
+        max_length: truncate each text to this many tokens.
+        skip_first: leave out each text's first token (as an input; it still is the target of nothing). In
+            trained LMs the first position is an attention sink whose hidden state has a norm orders of
+            magnitude above the rest from the early-middle layers on; kept, its few rows dominate ``XᵀX`` (and
+            the relative ridge) and the per-layer curve jumps where the sink appears. ``False`` keeps it.
         progress: a tqdm bar.
         column: the text column of a ``datasets.Dataset``.
 
@@ -387,7 +394,7 @@ def prediction_residual_by_layer(
         >>> texts = [f"Note {i}: buy {w}, then call home." for i, w in enumerate("milk eggs rice tea jam".split())]
         >>> f = prediction_residual_by_layer(ts.tiny("llama"), texts, layers=[0, 2], holdout=0.4, progress=False)
         >>> f[["layer", "n_train", "n_heldout"]].values.tolist()
-        [[0, 30, 20], [2, 30, 20]]
+        [[0, 27, 18], [2, 27, 18]]
     """
     if getattr(adapter.structure, "is_encoder_decoder", False):
         raise ValueError(
@@ -412,6 +419,8 @@ def prediction_residual_by_layer(
         row_held = held[torch.tensor(hb.index, dtype=torch.long)]
         for split, sel in ((0, ~row_held), (1, row_held)):
             where = hb.label_mask & sel[:, None]
+            if skip_first:
+                where = where & (hb.mask.long().cumsum(1) > 1)
             if not bool(where.any()):
                 continue
             cols = comp(hb.labels[where])
@@ -445,6 +454,7 @@ def prediction_residual_by_layer(
         "law": law_fit(f, "log_pr_train"),
         "law_heldout": law_fit(f, "log_pr_heldout"),
         "ridge": ridge,
+        "skip_first": bool(skip_first),
         "holdout": float(holdout),
         "seed": int(seed),
         "n_texts": len(items),
