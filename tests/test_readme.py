@@ -14,5 +14,6 @@ def test_readme_has_python_examples():
 
 
 @pytest.mark.parametrize("i", range(len(BLOCKS)))
-def test_readme_block_runs(i, capsys):
+def test_readme_block_runs(i, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # blocks that write files (out/...) write them here
     exec(compile(BLOCKS[i], f"README.md[python block {i}]", "exec"), {"__name__": "__readme__"})

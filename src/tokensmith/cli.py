@@ -175,4 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # ``python -m tokensmith.cli`` (and ``accelerate launch -m tokensmith.cli``) runs this file as ``__main__``, a
+    # second module object: subcommands register into the importable ``tokensmith.cli``, so run that one's main
+    from tokensmith.cli import main as _main
+
+    sys.exit(_main())

@@ -13,7 +13,7 @@ __all__ = ["PLUGINS", "load_plugins"]
 
 PLUGINS: tuple[str, ...] = (
     "tokensmith.tokenization", "tokensmith.attribution", "tokensmith.optimization", "tokensmith.alignment",
-    "tokensmith.pruning", "tokensmith.analysis",
+    "tokensmith.pruning", "tokensmith.analysis", "tokensmith.run",
 )
 
 

@@ -80,15 +80,19 @@ def test_errors_recorded_retried_and_metrics(ds, tmp_path, shared_tiny, torch_on
     assert set(recs.metrics[0]) == {"comprehensiveness"}
     frame = recs.metrics_frame()
     assert list(frame["id"]) == [0, 1, 2, 3]
-    again = attribute_dataset(ad, bad, path, method="occlusion", on_error="record", progress=False)
+    again = attribute_dataset(ad, bad, path, method="occlusion", on_error="record", metrics=["comprehensiveness"],
+                              progress=False)
     assert again.computed == 0  # a failed row is a finished row unless asked
-    fixed = attribute_dataset(ad, ds.to_list(), path, method="occlusion", retry_errors=True, progress=False)
+    with pytest.raises(ValueError, match="config differs in metrics"):  # another config: refused, not mixed
+        attribute_dataset(ad, bad, path, method="occlusion", on_error="record", progress=False)
+    fixed = attribute_dataset(ad, ds.to_list(), path, method="occlusion", metrics=["comprehensiveness"],
+                              retry_errors=True, progress=False)
     assert fixed.computed == 1 and not fixed.errors and fixed[1] is not None
 
 
 def test_bad_input(ds, tmp_path, shared_tiny):
     ad = shared_tiny("llama")
-    with pytest.raises(ValueError, match="column 'text' not in the dataset"):
+    with pytest.raises(ValueError, match=r"no column\(s\) \['text'\]"):
         attribute_dataset(ad, ds, tmp_path / "x.jsonl", input_column="text")
     dup = datasets.Dataset.from_dict({**ROWS, "uid": ["a", "a", "b", "c"]})
     with pytest.raises(ValueError, match="duplicate"):

@@ -1,10 +1,14 @@
 """``attribute_dataset``: one attribution per row of a ``datasets.Dataset``, written as it goes, resumable.
 
-Each finished example is appended to a JSON Lines file as one line
-``{"id": ..., "index": i, "result": AttributionResult.to_dict(), "metrics": {...}}`` (or ``"error"``), flushed
-and fsynced, so a crash loses at most the example in flight. Running the same call again reads the file,
-skips every id already there (finished or failed, unless ``retry_errors=True``) and drops a last line that
-was cut off mid-write. The returned :class:`AttributionRecords` is in input order.
+A thin call of :func:`tokensmith.run.run` with :class:`tokensmith.run.AttributeJob`. Each finished example is
+appended as one line ``{"id": ..., "index": i, "row_hash": ..., "result": {"attribution":
+AttributionResult.to_dict(), "metrics": {...}}}`` (or ``"error"``), flushed and fsynced, so a crash loses at
+most the example in flight. Running the same call again skips every id already there (finished or failed,
+unless ``retry_errors=True``) and drops a last line that was cut off mid-write; a different method, config or
+set of ids refuses the file (its manifest ``<path>.run.json`` says what it holds). ``path`` is one ``.jsonl``
+file (this process only) or a directory: then the rows are sharded across the processes of ``accelerate
+launch`` (one shard per process, merged into ``results.jsonl``). The returned :class:`AttributionRecords` is in
+input order.
 
     >>> import tempfile, datasets, tokensmith as ts
     >>> from tokensmith.attribution import attribute_dataset
@@ -19,15 +23,12 @@ was cut off mid-write. The returned :class:`AttributionRecords` is in input orde
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokensmith.attribution.api import attribute
-from tokensmith.attribution.progress import progress_scope, steps
+from tokensmith.attribution.progress import progress_scope
 from tokensmith.attribution.result import AttributionResult
 
 __all__ = ["attribute_dataset", "AttributionRecords", "read_records"]
@@ -87,26 +88,9 @@ def read_records(path: str | Path, repair: bool = False) -> dict[Any, dict[str, 
     A final line without its newline (a write cut off by a crash) is ignored, and with ``repair=True``
     removed from the file. A malformed line elsewhere raises a ValueError (the file is not ours).
     """
-    p = Path(path)
-    if not p.exists():
-        return {}
-    raw = p.read_bytes()
-    good = raw.rfind(b"\n") + 1  # everything after the last newline is a torn write
-    if repair and good < len(raw):
-        with open(p, "r+b") as fh:
-            fh.truncate(good)
-    out: dict[Any, dict[str, Any]] = {}
-    for n, line in enumerate(raw[:good].splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{n} is not a JSON record written by attribute_dataset ({e}); use another path") from e
-        if not isinstance(rec, dict) or "id" not in rec:
-            raise ValueError(f"{p}:{n} is not a record written by attribute_dataset; use another path")
-        out[_key(rec["id"])] = rec
-    return out
+    from tokensmith.run import read_jsonl
+
+    return {_key(rec["id"]): rec for rec in read_jsonl(path, repair=repair)}
 
 
 def _key(x: Any) -> Any:
@@ -154,60 +138,38 @@ def attribute_dataset(
         ValueError: a missing column, duplicate ids, an unknown ``on_error``, a results file not written
             by this function.
     """
-    if on_error not in ("raise", "record"):
-        raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
-    rows = _rows(dataset)
-    cols = set(rows[0]) if rows else set()
-    for c in (input_column, target_column, id_column):
-        if c is not None and rows and c not in cols:
-            raise ValueError(f"column {c!r} not in the dataset (columns: {sorted(cols)})")
-    ids = [_key(r[id_column]) if id_column else i for i, r in enumerate(rows)]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"id column {id_column!r} has duplicate values; pass a column of unique ids")
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    done = read_records(p, repair=True)
-    todo = [i for i, k in enumerate(ids) if k not in done or (retry_errors and "error" in done[k])]
-    computed = 0
-    from tokensmith.attribution.evaluate import evaluate
+    from tokensmith.run import AttributeJob, run
 
-    with progress_scope(progress), open(p, "a", encoding="utf-8") as fh:
-        for i in steps(todo, desc="attribute_dataset", total=len(todo), unit="example"):
-            row = rows[i]
-            kw = dict(attribute_kwargs)
-            if row_kwargs is not None:
-                kw.update(row_kwargs(row))
-            if target_column is not None:
-                kw["target"] = row[target_column]
-            rec: dict[str, Any] = {"id": ids[i], "index": i}
-            try:
-                with progress_scope(False):
-                    res = attribute(adapter, row[input_column], method=method, progress=None, **kw)
-                    rec["result"] = res.to_dict()
-                    if metrics:
-                        ev = evaluate(adapter, res, metrics=metrics)
-                        rec["metrics"] = {k: float(v) for k, v in ev.items() if k != "per_row"}
-            except Exception as e:  # noqa: BLE001 - recorded on request, re-raised otherwise
-                if on_error == "raise":
-                    raise
-                rec = {"id": ids[i], "index": i, "error": f"{type(e).__name__}: {e}"}
-            fh.write(json.dumps(rec) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-            done[ids[i]] = json.loads(json.dumps(rec))
-            computed += 1
+    job = AttributeJob(adapter=adapter, model=str(getattr(adapter, "name", "adapter")), method=method,
+                       input_column=input_column, target_column=target_column, metrics=metrics,
+                       kwargs=dict(attribute_kwargs), row_kwargs=row_kwargs)
+    with progress_scope(progress):
+        single = Path(path).suffix == ".jsonl"  # one file: this process only; a directory: sharded (tokensmith.run)
+        res = run(job, _rows(dataset), Path(path), id_column=id_column, on_error=on_error,
+                  retry_errors=retry_errors, progress=progress, state=_SingleProcess() if single else None)
     results: list[AttributionResult | None] = []
     mets: list[dict[str, float]] = []
-    errors: dict[Any, str] = {}
-    for k in ids:
-        rec = done[k]
-        if "error" in rec:
-            errors[k] = rec["error"]
-            results.append(None)
-        else:
-            results.append(AttributionResult.from_dict(rec["result"]))
-        mets.append(dict(rec.get("metrics", {})))
-    return AttributionRecords(ids, results, mets, errors, p, computed)
+    for out in res.results:
+        results.append(AttributionResult.from_dict(out["attribution"]) if out is not None else None)
+        mets.append(dict(out.get("metrics", {})) if out is not None else {})
+    return AttributionRecords(res.ids, results, mets, dict(res.errors), Path(path), res.computed)
+
+
+class _SingleProcess:
+    """The one-process state of :func:`attribute_dataset` (a ``.jsonl`` file is one shard)."""
+
+    process_index = 0
+    num_processes = 1
+    is_main_process = True
+    device = "cpu"
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def split_between_processes(self, items: Any) -> Any:
+        from contextlib import nullcontext
+
+        return nullcontext(items)
 
 
 def _rows(dataset: Any) -> list[dict[str, Any]]:
