@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -279,9 +280,19 @@ class ReferenceCache:
         path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tensors = {"hashes": self.hashes, "lp_w": self.lp_w, "off_w": self.off_w, "lp_l": self.lp_l, "off_l": self.off_l}
-        tmp = path + ".tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"key": json.dumps(self.key)})
-        os.replace(tmp, path)
+        # A temporary file of this writer's own, then an atomic rename: under DDP every process builds the same
+        # cache and saves it to the same path at about the same time (a shared ``output_dir``); with one shared
+        # ``path + ".tmp"`` a second writer's rename found the file already moved (FileNotFoundError). Readers
+        # only ever see a complete file, and concurrent writers of the same key write the same content.
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+        os.close(fd)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"key": json.dumps(self.key)})
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         return path
 
     @classmethod
@@ -697,6 +708,7 @@ class TokenPreferenceTrainer(transformers.Trainer):
         if args is None:
             raise ValueError("args (transformers.TrainingArguments) is required")
         self.policy, self.reference, self.beta = policy, reference, float(beta)
+        self._policy_views: dict[int, ModelAdapter] = {}  # see _policy_running
         enc = normalize_encoding(
             policy.tokenizer, {**dict(encode_kwargs or {}), "chat": chat, "system": system, "score_eot": score_eot}
         )
@@ -795,6 +807,26 @@ class TokenPreferenceTrainer(transformers.Trainer):
         return cache
 
     # ---------------------------------------------------------------- loss
+    def _policy_running(self, model: torch.nn.Module) -> ModelAdapter:
+        """The policy adapter whose forward is ``model``, the module ``transformers.Trainer`` passes to
+        ``compute_loss``.
+
+        Under DDP (``accelerate launch``, ``torchrun``) that module is the ``DistributedDataParallel`` wrapper of
+        ``self.policy.model``: only a forward *through the wrapper* arms its gradient all-reduce for the next
+        backward. Running the bare ``self.policy.model`` instead trains every process on its own micro-batch,
+        without an error, and the replicas drift apart. The returned view is a shallow copy of the policy
+        adapter (same tokenizer, structure, batcher) with ``model`` as its ``.model``; the adapter reaches the
+        weights through ``structure`` (the wrapped module's own submodules) and runs the forward through
+        ``.model``, so log-probs and KL are unchanged. Without a wrapper it is the policy itself."""
+        if model is self.policy.model:
+            return self.policy
+        view = self._policy_views.get(id(model))
+        if view is None or view.model is not model:
+            view = copy.copy(self.policy)
+            view.model = model  # type: ignore[assignment]
+            self._policy_views = {id(model): view}  # one wrapper per run; do not keep old ones alive
+        return view
+
     def compute_loss(
         self,
         model: torch.nn.Module,
@@ -805,14 +837,15 @@ class TokenPreferenceTrainer(transformers.Trainer):
         """Policy per-token log-probs (with grad), cached (or live) reference log-probs, the loss; stores its
         metrics for the next log."""
         pb: PreferenceBatch = inputs["pb"]
+        policy = self._policy_running(model)
         fused = None
         if self.needs_kl and self.reference is not None:
             # one forward of each model gives the log-probs and the KL (pair_logprobs + pair_kl would run the
             # policy twice, with two graphs alive at the backward)
-            fused = pair_logprobs_and_kl(self.policy, self.reference, pb, grad=torch.is_grad_enabled())
+            fused = pair_logprobs_and_kl(policy, self.reference, pb, grad=torch.is_grad_enabled())
             lp_w, lp_l = fused["policy"]
         else:
-            lp_w, lp_l = pair_logprobs(self.policy, pb, grad=True)
+            lp_w, lp_l = pair_logprobs(policy, pb, grad=True)
         dev = lp_w.device
         if "ref_lp_w" in inputs:
             ref_w, ref_l = inputs["ref_lp_w"].to(dev), inputs["ref_lp_l"].to(dev)
@@ -821,7 +854,7 @@ class TokenPreferenceTrainer(transformers.Trainer):
         else:
             with self.reference.eval_mode():
                 ref_w, ref_l = (t.to(dev) for t in pair_logprobs(self.reference, pb))
-        x = LossInputs(lp_w, lp_l, ref_w, ref_l, pb.mask_w.to(dev), pb.mask_l.to(dev), self.beta, pb, self.policy,
+        x = LossInputs(lp_w, lp_l, ref_w, ref_l, pb.mask_w.to(dev), pb.mask_l.to(dev), self.beta, pb, policy,
                        self.reference)
         if fused is not None:
             x._kl = tuple(t.to(dev) for t in fused["kl"])

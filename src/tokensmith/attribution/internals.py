@@ -26,6 +26,7 @@ import torch
 
 from tokensmith.attribution.base import AttributionMethod, MethodOutput, register_method
 from tokensmith.attribution.targets import AttributionProblem
+from tokensmith.models import execution_device, is_offloaded, offloaded_value
 
 if TYPE_CHECKING:  # pragma: no cover
     from tokensmith.models.adapter import ModelAdapter
@@ -183,17 +184,22 @@ def output_projection(adapter: ModelAdapter, layer: int) -> tuple[torch.Tensor, 
     s = adapter.structure
     o = s.o_proj[layer]
     w = getattr(o, "weight", None) if o is not None else None
+    b = getattr(o, "bias", None) if o is not None else None
+    dev = w.device if isinstance(w, torch.Tensor) else None
+    if is_offloaded(w):  # accelerate offloaded this layer (device_map with "cpu"/"disk"): read its stored values
+        path = next(n for n, m in adapter.model.named_modules() if m is o)
+        w, dev = offloaded_value(adapter.model, path), execution_device(adapter.model, path)
+        b = offloaded_value(adapter.model, path, "bias") if isinstance(b, torch.Tensor) else None
     H, dh = s.num_heads, s.head_dim
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not H or not dh:
         raise ValueError(f"this method needs the attention output projection of layer {layer} (not found); pass "
                          "AdapterSpec(o_proj=...) or use 'attention' / 'attention_rollout'")
     n = H * dh
-    b = getattr(o, "bias", None)
     bias = b.detach().double().cpu() if isinstance(b, torch.Tensor) else None
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, n, generator=g, dtype=torch.float64)
     with torch.no_grad():
-        ref = o(z.to(device=w.device, dtype=w.dtype))
+        ref = o(z.to(device=dev, dtype=w.dtype))
     ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).double().cpu()
     tol = 64 * torch.finfo(w.dtype).eps * math.sqrt(n) * float(ref.abs().max() + 1)
     W64 = w.detach().double().cpu()

@@ -44,6 +44,7 @@ from tokensmith.models.layers import (
 from tokensmith.models.logprobs import gather_logprobs, masked_mean, masked_sum, token_kl
 from tokensmith.models.masking import MaskContext, attention_override, local_window, separator_mask
 from tokensmith.models.norms import AttentionNorms, NormForm, attention_norms, norm_form
+from tokensmith.models.offload import execution_device, is_offloaded, offloaded_value
 from tokensmith.models.rerotate import RerotateResult, rerotate_cache
 from tokensmith.models.structure import AdapterSpec, ModelStructure, StructureError, discover
 from tokensmith.models.surgery import replace_vocabulary
@@ -53,6 +54,9 @@ from tokensmith.models.zoo import available_models, load
 
 __all__ = [
     "ModelAdapter",
+    "execution_device",
+    "is_offloaded",
+    "offloaded_value",
     "heads",
     "Head",
     "HeadOutputs",

@@ -24,6 +24,7 @@ from tokensmith.models.attention import AttentionProbe
 from tokensmith.models.batching import BatchCall, MicroBatcher
 from tokensmith.models.encoding import Encoded, EncodedBatch, encode, pad_batch, reencode
 from tokensmith.models.hooks import HookSession, StopForward, hook_names, steer_fn
+from tokensmith.models.offload import execution_device, is_offloaded, offloaded_value
 from tokensmith.models.padding import (
     PositionScheme,
     has_left_padding,
@@ -104,7 +105,8 @@ class ModelAdapter:
         self.name = name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
         self._spec = spec
         self.structure: ModelStructure = discover(model, spec)
-        self.structure.embed_scale = measure_embed_scale(self.structure.embed)
+        # the weight is read through the offload store when accelerate offloaded the embedding (meta tensor)
+        self.structure.embed_scale = measure_embed_scale(self.structure.embed, weight=self.E)
         self.batcher = MicroBatcher()
         self._fwd_params = _forward_params(model)
         self._validated: dict[str, Any] = {}
@@ -134,7 +136,11 @@ class ModelAdapter:
     @property
     def device(self) -> torch.device:
         """Device of the input embeddings (where inputs go; a dispatched model is never moved)."""
-        return self.structure.embed.weight.device
+        w = self.structure.embed.weight
+        if w.device.type != "meta":
+            return w.device
+        # offloaded by accelerate (device_map "cpu"/"disk"): the embedding computes on its hook's device
+        return execution_device(self.model, self.structure.embed_path)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -142,15 +148,24 @@ class ModelAdapter:
 
     @property
     def E(self) -> torch.Tensor:
-        """Input embedding matrix ``[V, d]`` (unscaled weight; ``embed_scale`` is applied by :meth:`embed`)."""
-        return self.structure.embed.weight
+        """Input embedding matrix ``[V, d]`` (unscaled weight; ``embed_scale`` is applied by :meth:`embed`).
+
+        When accelerate offloaded the embedding (``device_map`` value ``"cpu"`` beside a GPU, or ``"disk"``),
+        this is a copy loaded from the offload store at each access, not the parameter.
+        """
+        w = self.structure.embed.weight
+        return offloaded_value(self.model, self.structure.embed_path) if is_offloaded(w) else w
 
     @property
     def W_U(self) -> torch.Tensor:
-        """Unembedding matrix ``[V, d]``."""
-        if self.structure.lm_head is None:
+        """Unembedding matrix ``[V, d]`` (a copy from the offload store when accelerate offloaded the head, as
+        for :attr:`E`)."""
+        s = self.structure
+        if s.lm_head is None:
             raise ValueError("this model has no LM head (an encoder); load it as a masked/causal LM to unembed")
-        return self.structure.lm_head.weight
+        if is_offloaded(s.lm_head.weight) and s.lm_head_path is not None:
+            return offloaded_value(self.model, s.lm_head_path)
+        return s.lm_head.weight
 
     @property
     def tied(self) -> bool:

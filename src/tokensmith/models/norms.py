@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tokensmith.models.offload import execution_device, is_offloaded, offloaded_value
 from tokensmith.models.structure import is_norm_module
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -90,6 +91,8 @@ class NormForm:
 
 def _param(mod: nn.Module, name: str) -> torch.Tensor | None:
     p = getattr(mod, name, None)
+    if is_offloaded(p):  # accelerate keeps an offloaded module's values in its own hook (models.offload)
+        p = offloaded_value(mod, "", name)
     return p.detach().double().cpu().flatten() if isinstance(p, torch.Tensor) else None
 
 
@@ -112,6 +115,8 @@ def norm_form(module: nn.Module, d: int | None = None) -> NormForm:
     eps = next((float(getattr(module, n)) for n in _EPS_NAMES if isinstance(getattr(module, n, None), float)), 1e-5)
     p = next(module.parameters(), None)
     dev = p.device if p is not None else torch.device("cpu")
+    if is_offloaded(p):  # offloaded by accelerate: feed the probe input where the module's hook computes
+        dev = execution_device(module, "", next(n for n, _ in module.named_parameters()))
     dt = p.dtype if p is not None and p.is_floating_point() else torch.float32
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(4, d, generator=g, dtype=torch.float64) * 2 + 0.5)

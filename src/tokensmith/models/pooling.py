@@ -278,6 +278,11 @@ def sentence_embedding(
         device = next(model.parameters()).device
     except StopIteration:  # pragma: no cover
         device = torch.device("cpu")
+    if device.type == "meta" and hasattr(model, "get_input_embeddings"):
+        # offloaded by accelerate (device_map "cpu"/"disk"): inputs go where the embedding's hook computes
+        from tokensmith.models.offload import execution_device
+
+        device = execution_device(model.get_input_embeddings(), "")
     out = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokensmith.models.offload import execution_device, is_offloaded
+
 __all__ = ["AdapterSpec", "ModelStructure", "discover", "StructureError"]
 
 
@@ -337,6 +339,13 @@ def _first_tensor(x: Any) -> torch.Tensor | None:
     return None
 
 
+def _input_device(emb: nn.Module) -> torch.device:
+    """Where input ids go: the embedding weight's device, or, when accelerate offloaded the embedding (its
+    weight is a meta tensor), the device its hook computes on (:mod:`tokensmith.models.offload`)."""
+    w = emb.weight
+    return execution_device(emb, "") if is_offloaded(w) else w.device
+
+
 def is_norm_module(mod: nn.Module) -> bool:
     """A normalisation layer: ``nn.LayerNorm``/``nn.GroupNorm``/``nn.RMSNorm`` or a class named ``*Norm*``."""
     return isinstance(mod, (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) or "norm" in type(
@@ -359,7 +368,7 @@ def trace_head(model: nn.Module, layers: nn.ModuleList, lm_head: nn.Module | Non
     """
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(emb, "weight", None)
-    device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+    device = _input_device(emb) if isinstance(weight, torch.Tensor) else torch.device("cpu")
     vocab = int(weight.shape[0]) if isinstance(weight, torch.Tensor) else 100
     ids = torch.linspace(1, max(vocab - 2, 2), n_tokens).long().clamp_max(vocab - 1).unsqueeze(0).to(device)
     B, T = ids.shape
@@ -649,6 +658,11 @@ def discover(model: nn.Module, spec: AdapterSpec | None = None) -> ModelStructur
     tied = False
     if lm_head is not None and getattr(lm_head, "weight", None) is not None:
         tied = lm_head.weight is embed.weight or lm_head.weight.data_ptr() == embed.weight.data_ptr()
+        if "meta" in (lm_head.weight.device.type, embed.weight.device.type):
+            # accelerate offloaded one of them (device_map "cpu"/"disk"): a meta tensor has no storage (its
+            # data_ptr is 0, equal for any two), so the pointers say nothing; the config's tying flag does.
+            text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+            tied = bool(getattr(text_cfg, "tie_word_embeddings", False)) and lm_head.weight.shape == embed.weight.shape
 
     measured = None
     if spec.is_causal is None and not bool(getattr(config, "is_encoder_decoder", False)):
@@ -721,7 +735,7 @@ def measure_causal(model: nn.Module, layers: Sequence[nn.Module], n_tokens: int 
     if model.training or not isinstance(weight, torch.Tensor) or not len(layers):
         return None  # dropout would make every model look bidirectional
     vocab = int(weight.shape[0])
-    ids = torch.linspace(1, max(vocab - 2, 2), n_tokens).long().clamp_max(vocab - 1).unsqueeze(0).to(weight.device)
+    ids = torch.linspace(1, max(vocab - 2, 2), n_tokens).long().clamp_max(vocab - 1).unsqueeze(0).to(_input_device(emb))
     alt = ids.clone()
     alt[0, -1] = ids[0, 1]
     outs: list[torch.Tensor] = []
@@ -811,9 +825,13 @@ def _causal_by_rules(model: nn.Module, layers: Sequence[nn.Module] | None) -> tu
     return False, "no evidence of causal attention (not registered as a causal LM, no is_causal flags)"
 
 
-def measure_embed_scale(embed: nn.Module) -> float:
-    """Ratio between the embedding module's output and the raw weight row (e.g. Gemma's sqrt(d))."""
-    w = embed.weight
+def measure_embed_scale(embed: nn.Module, weight: torch.Tensor | None = None) -> float:
+    """Ratio between the embedding module's output and the raw weight row (e.g. Gemma's sqrt(d)).
+
+    ``weight`` is the embedding matrix when ``embed.weight`` cannot be read (accelerate offloaded it to the
+    meta device; see :mod:`tokensmith.models.offload`); ``embed`` itself is still called (its hook loads it).
+    """
+    w = embed.weight if weight is None else weight
     norms = w.detach().float().norm(dim=-1)
     idx = int(torch.argmax(norms).item())
     ids = torch.tensor([[idx]], device=w.device)

@@ -14,10 +14,27 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokensmith.models.offload import is_offloaded
+
 if TYPE_CHECKING:  # pragma: no cover
     from tokensmith.models.adapter import ModelAdapter
 
 __all__ = ["add_tokens", "set_embeddings", "padding_rows", "replace_vocabulary"]
+
+
+def _refuse_offloaded(adapter: ModelAdapter, head: bool = True) -> None:
+    """Surgery writes embedding rows in place; accelerate-offloaded matrices (meta tensors whose values live
+    in the offload store, see :mod:`tokensmith.models.offload`) cannot be written, and writing into the copy
+    ``adapter.E`` returns would be silently lost."""
+    s = adapter.structure
+    mods = [("input embedding", s.embed), ("LM head", s.lm_head if head else None)]
+    for what, mod in mods:
+        if mod is not None and is_offloaded(getattr(mod, "weight", None)):
+            raise ValueError(
+                f"the {what} is offloaded by accelerate (device_map 'cpu'/'disk'): vocabulary surgery cannot "
+                "write its rows. Load the model without offloading them (e.g. a device_map that keeps the "
+                "embeddings and the LM head on a device) to add tokens or set embeddings"
+            )
 
 
 def padding_rows(adapter: ModelAdapter) -> torch.Tensor:
@@ -51,6 +68,7 @@ def add_tokens(
     """
     if isinstance(tokens, str):
         raise TypeError("tokens must be a list of strings, not one string")
+    _refuse_offloaded(adapter)
     if not tokens or any(not isinstance(t, str) or t == "" for t in tokens):
         raise ValueError("give a non-empty list of non-empty token strings")
     tok = adapter.tokenizer
@@ -100,6 +118,7 @@ def set_embeddings(
     With tied embeddings ``E_out`` must be None or equal to ``E_in`` (one matrix). Raises on NaN rows,
     on ids outside the matrix, and on ids that are padding rows (no tokenizer entry).
     """
+    _refuse_offloaded(adapter, head=E_out is not None and not adapter.tied)
     idx = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long)
     V = adapter.structure.vocab_size
     if idx.numel() == 0:
