@@ -40,7 +40,7 @@ from tokensmith.tokenization.demo import SENTENCES
 TITLES = ["Model card", "Tokenization across languages", "Per-token log-probs of a chat answer",
           "Which prompt words the answer rests on", "Activation steering",
           "Token-space search: forcing an answer with GCG", "Per-token rewards of a preference pair",
-          "KV-cache compression: a needle in half a cache"]
+          "KV-cache compression: a needle in half a cache", "Logit lens: what each layer predicts"]
 
 
 @pytest.fixture(autouse=True)
