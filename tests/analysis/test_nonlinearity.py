@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tokensmith as ts
+from tests.hidden_states import depth_states
 from tests.tolerance import fp32_atol
 from tokensmith.analysis.nonlinearity import (
     by_class,
@@ -46,22 +47,6 @@ def _close(a: torch.Tensor, b: torch.Tensor, atol: float) -> None:
     assert err <= atol, f"max abs difference {err:.3g} > {atol:.3g}"
 
 
-def _depth_states(ad: ts.ModelAdapter, ids: list[int]) -> list[torch.Tensor]:
-    """Every depth 0..L of one unpadded text, in float32, from the plain HF model: ``hidden_states[0]`` and the
-    output of each block (torch forward hooks), so depth L is before the final norm as in the stream."""
-    outs: list[torch.Tensor] = []
-
-    def rec(_m, _a, o):
-        outs.append((o[0] if isinstance(o, tuple) else o).detach())
-
-    hs = [layer.register_forward_hook(rec) for layer in ad.structure.layers]
-    try:
-        with torch.no_grad():
-            res = ad.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
-    finally:
-        for h in hs:
-            h.remove()
-    return [res.hidden_states[0][0].float()] + [o[0].float() for o in outs]
 
 
 def _reference_nonlinearity(ad: ts.ModelAdapter, texts: list[str], ridge: float, skip_first: bool = True):
@@ -70,7 +55,7 @@ def _reference_nonlinearity(ad: ts.ModelAdapter, texts: list[str], ridge: float,
     ids_all = []
     for t in texts:
         ids = ad.encode(t).input_ids.tolist()
-        st = _depth_states(ad, ids)
+        st = depth_states(ad, ids)
         s = 1 if skip_first else 0
         for d, h in enumerate(st):
             per_depth[d].append(h[s:])
@@ -298,11 +283,11 @@ def _reference_context(ad: ts.ModelAdapter, texts: list[str], skip_first: bool) 
     out: list[list[float]] = [[] for _ in range(ad.structure.num_layers + 1)]
     for t in texts:
         ids = ad.encode(t).input_ids.tolist()
-        ctx = _depth_states(ad, ids)
+        ctx = depth_states(ad, ids)
         for p in range(1 if skip_first else 0, len(ids)):
             v = ids[p]
             alone, at = (pre + suf, (pre + suf).index(v)) if v in pre + suf else (pre + [v] + suf, len(pre))
-            st = _depth_states(ad, alone)
+            st = depth_states(ad, alone)
             for d in range(len(ctx)):
                 a, b = ctx[d][p].double(), st[d][at].double()
                 out[d].append(1 - float(a @ b / (a.norm() * b.norm())))

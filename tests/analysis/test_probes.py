@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tokensmith as ts
+from tests.hidden_states import depth_states
 from tests.tolerance import fp32_atol
 from tokensmith.analysis.probes import law_fit, prediction_residual_by_layer, ridge_prediction_residual
 from tokensmith.models.tiny import TINY_ARCHS
@@ -117,21 +117,6 @@ def test_pure_bad_inputs():
 
 
 # ----------------------------------------------------------------------------------------------- streaming
-def _depth_states(ad: ts.ModelAdapter, ids: list[int]) -> list[torch.Tensor]:
-    """Depths 0..L of one unpadded text from the plain HF model (block outputs via torch forward hooks)."""
-    outs: list[torch.Tensor] = []
-
-    def rec(_m, _a, o):
-        outs.append((o[0] if isinstance(o, tuple) else o).detach())
-
-    hs = [layer.register_forward_hook(rec) for layer in ad.structure.layers]
-    try:
-        with torch.no_grad():
-            res = ad.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
-    finally:
-        for h in hs:
-            h.remove()
-    return [res.hidden_states[0][0].float()] + [o[0].float() for o in outs]
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +130,7 @@ def llama_reference(shared_tiny):
     for i, t in enumerate(TEXTS):
         ids = ad.encode(t).input_ids.tolist()
         s = "held" if i in held else "train"
-        for d, h in enumerate(_depth_states(ad, ids)):
+        for d, h in enumerate(depth_states(ad, ids)):
             X[s][d].append(h[1:-1])  # skip_first=True: the first token is no input
         Y[s] += ids[2:]
     vocab = sorted(set(Y["train"]) | set(Y["held"]))
