@@ -100,7 +100,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proc_memory import settle_and_reset_peak, status_kib, write_results  # noqa: E402
+from proc_memory import meminfo_kib, settle_and_reset_peak, status_kib, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -448,7 +448,7 @@ def naive_plan(args: argparse.Namespace, info: dict[str, Any]) -> dict[str, Any]
     final = 3 * T * d * 8  # one depth concatenated in float64 + unit vectors + the centred copy in torch.cov
     fixed = B * T * V * 4 + B * T * D * d * 4  # one batch's logits and hidden states in flight
     est = lambda n: n * (per_seq + final) + fixed  # noqa: E731
-    avail = _meminfo_kib("MemAvailable")
+    avail = meminfo_kib("MemAvailable")
     cap = args.naive_max_gb * 2**30
     if avail:
         cap = min(cap, avail * 1024 / 2)
@@ -459,17 +459,6 @@ def naive_plan(args: argparse.Namespace, info: dict[str, Any]) -> dict[str, Any]
         reduced = True
     return {"seqs": n, "reduced": reduced, "estimate_gib_at_N": est(args.seqs) / 2**30,
             "cap_gib": cap / 2**30, "bytes_per_seq_held": per_seq}
-
-
-def _meminfo_kib(field: str) -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def run_stats(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:

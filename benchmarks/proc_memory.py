@@ -5,19 +5,28 @@ from __future__ import annotations
 import ctypes
 import gc
 
-__all__ = ["status_kib", "reset_peak_rss", "malloc_trim", "settle_and_reset_peak"]
+__all__ = ["meminfo_kib", "status_kib", "reset_peak_rss", "malloc_trim", "settle_and_reset_peak"]
 
 
-def status_kib(field: str) -> int | None:
-    """A ``/proc/self/status`` field in KiB (``"VmRSS"``, ``"VmHWM"``), or None where unavailable."""
+def _proc_kib(path: str, field: str) -> int | None:
     try:
-        with open("/proc/self/status", encoding="ascii") as f:
+        with open(path, encoding="ascii") as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
     return None
+
+
+def status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (``"VmRSS"``, ``"VmHWM"``), or None where unavailable."""
+    return _proc_kib("/proc/self/status", field)
+
+
+def meminfo_kib(field: str) -> int | None:
+    """A ``/proc/meminfo`` field in KiB (``"MemAvailable"``), or None where unavailable."""
+    return _proc_kib("/proc/meminfo", field)
 
 
 def reset_peak_rss() -> bool:
